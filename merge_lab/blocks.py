@@ -1,0 +1,151 @@
+"""The block map (MBW): which block each key belongs to, and the ratio of every block.
+
+Main blocks, in the order of the 26 / 20-value strings users already have (SuperMerger's order):
+SD1/SD2 ``BASE, IN00..IN11, M00, OUT00..OUT11``; SDXL ``BASE, IN00..IN08, M00, OUT00..OUT08``.
+
+Where the peers disagree we use named extra blocks that *follow* a main block unless set themselves,
+so a 26/20-value string gives SuperMerger's result while each can still be set on its own:
+
+- ``TIME``  UNet ``time_embed.*`` (and SDXL ``label_emb.*``), follows IN00 (SuperMerger, sd-meh);
+- ``OUT``   the final ``out.0`` / ``out.2`` layers, follows OUT11 (SDXL: OUT08);
+- ``VAE``   ``first_stage_model.*``, follows BASE (SuperMerger merges the VAE at BASE);
+- ``TE1`` / ``TE2``  SDXL's two text encoders, follow BASE (SD1/SD2 text encoders are BASE itself).
+
+Keys that are never merged (block ``None``): ``position_ids``, ``logit_scale``, EMA copies
+(``model_ema.*``), DDPM schedule buffers and anything else outside the UNet / VAE / text encoders.
+They are copied from the first model unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from .errors import RecipeError
+from .layouts import SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
+
+_UNET_BLOCK_COUNT = {"sd1": 12, "sd2": 12, "sdxl": 9}
+
+
+def main_blocks(arch: str) -> list[str]:
+    n = _UNET_BLOCK_COUNT[arch]
+    return ["BASE", *(f"IN{i:02d}" for i in range(n)), "M00", *(f"OUT{i:02d}" for i in range(n))]
+
+
+def extra_blocks(arch: str) -> dict[str, str]:
+    """Named extra blocks and the main block each follows when not set itself."""
+    last_out = f"OUT{_UNET_BLOCK_COUNT[arch] - 1:02d}"
+    extras = {"TIME": "IN00", "OUT": last_out, "VAE": "BASE"}
+    if arch == "sdxl":
+        extras.update({"TE1": "BASE", "TE2": "BASE"})
+    return extras
+
+
+def all_blocks(arch: str) -> list[str]:
+    return main_blocks(arch) + list(extra_blocks(arch))
+
+
+_NEVER_MERGED_SUFFIXES = ("position_ids", "logit_scale")
+_INPUT = re.compile(r"^input_blocks\.(\d+)\.")
+_OUTPUT = re.compile(r"^output_blocks\.(\d+)\.")
+
+
+def block_of(key: str, arch: str) -> str | None:
+    """The block of `key`, or None for keys that are never merged."""
+    if key.endswith(_NEVER_MERGED_SUFFIXES):
+        return None
+    if key.startswith(UNET_PREFIX):
+        rest = key[len(UNET_PREFIX):]
+        m = _INPUT.match(rest)
+        if m:
+            return _checked_index("IN", int(m.group(1)), arch)
+        m = _OUTPUT.match(rest)
+        if m:
+            return _checked_index("OUT", int(m.group(1)), arch)
+        if rest.startswith("middle_block."):
+            return "M00"
+        if rest.startswith(("time_embed.", "label_emb.")):
+            return "TIME"
+        if rest.startswith("out."):
+            return "OUT"
+        return None
+    if key.startswith(VAE_PREFIX):
+        return "VAE"
+    if arch == "sdxl":
+        if key.startswith(SDXL_TE1_PREFIX):
+            return "TE1"
+        if key.startswith(SDXL_TE2_PREFIX):
+            return "TE2"
+        return None
+    if key.startswith((SD1_TE_PREFIX, SD2_TE_PREFIX)):
+        return "BASE"
+    return None
+
+
+def _checked_index(kind: str, index: int, arch: str) -> str | None:
+    if index >= _UNET_BLOCK_COUNT[arch]:
+        return None  # not part of this architecture's UNet: copied, never merged
+    return f"{kind}{index:02d}"
+
+
+def parse_values(text: str | Sequence[float]) -> list[float]:
+    """'0,0.5,1' or [0, 0.5, 1] -> floats (whitespace and a trailing comma tolerated)."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.replace("\n", ",").split(",")]
+        parts = [p for p in parts if p]
+    else:
+        parts = list(text)
+    values = []
+    for p in parts:
+        try:
+            v = float(p)
+        except (TypeError, ValueError):
+            raise RecipeError(f"block ratio {p!r} is not a number") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise RecipeError(f"block ratio {p!r} is not finite")
+        values.append(v)
+    return values
+
+
+def to_arch_values(values: list[float], arch: str) -> list[float]:
+    """A 26-value SD string used on SDXL keeps BASE, IN00..IN08, M00, OUT00..OUT08 (SuperMerger drops
+    IN09-IN11 and OUT09-OUT11 the same way); other lengths are returned unchanged."""
+    if arch == "sdxl" and len(values) == 26:
+        return [*values[:10], values[13], *values[14:23]]
+    return values
+
+
+def resolve_ratios(arch: str, alpha: float, values: Sequence[float] | None = None,
+                   named: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The ratio of every block (main and extra) of `arch`.
+
+    `alpha` is the default; `values` (26 for SD1/SD2, 20 for SDXL, or 25 / 19 without BASE, which then
+    takes `alpha`; a 26-value string on SDXL drops IN09-IN11 and OUT09-OUT11) set the main blocks, extra
+    blocks follow their main block; `named` sets any block.
+    """
+    mains = main_blocks(arch)
+    ratios = dict.fromkeys(mains, float(alpha))
+    if values is not None:
+        values = list(values)
+        if len(values) in (len(mains) - 1, 25):
+            values = [float(alpha), *values]
+        values = to_arch_values(values, arch)
+        if len(values) != len(mains):
+            raise RecipeError(
+                f"{arch} takes {len(mains)} block ratios ({mains[0]}, {mains[1]}..{mains[-1]}) "
+                f"or {len(mains) - 1} without BASE, got {len(values)}"
+            )
+        ratios.update(zip(mains, (float(v) for v in values)))
+    extras = extra_blocks(arch)
+    for name, parent in extras.items():
+        ratios[name] = ratios[parent]
+    for name, value in (named or {}).items():
+        upper = name.upper()
+        if upper not in ratios:
+            raise RecipeError(f"unknown block {name!r} for {arch} (valid: {', '.join(all_blocks(arch))})")
+        ratios[upper] = float(value)
+        if upper in mains:  # extras that follow a main block set by name follow it, unless set too
+            for extra, parent in extras.items():
+                if parent == upper and not any(n.upper() == extra for n in named):
+                    ratios[extra] = float(value)
+    return ratios

@@ -1,0 +1,62 @@
+"""`merge-lab batch`: many recipes one after another; a failing recipe is reported, the others still run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..engine import merge_to_file
+from ..errors import MergeLabError, RecipeError
+from ..progress import TqdmProgress
+from ..recipe import Recipe
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def collect(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in RECIPE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
+
+
+def add_parser(sub):
+    p = sub.add_parser("batch", help="run many recipe files (or folders of them) one after another")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files or folders of .yaml/.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    files = collect(args.recipes)
+    if not files:
+        raise RecipeError("no recipe files found")
+    rows = []
+    for path in files:
+        start = time.perf_counter()
+        try:
+            recipe = Recipe.load(path)
+            if not recipe.out:
+                raise RecipeError("recipe has no `out` field", path=path)
+            with TqdmProgress(f"{path.name}", disable=args.no_progress) as progress:
+                result = merge_to_file(recipe, progress=progress)
+            rows.append((path.name, result.out, result.autov2, f"{result.seconds:.2f}", "ok"))
+        except MergeLabError as e:
+            rows.append((path.name, "-", "-", f"{time.perf_counter() - start:.2f}", f"FAILED: {e}"))
+    print()
+    print(format_table(("recipe", "output", "AutoV2", "seconds", "status"), rows))
+    failed = sum(1 for r in rows if r[-1] != "ok")
+    print(f"\n{len(rows) - failed} merged, {failed} failed")
+    return 1 if failed else 0
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    """A markdown table (readable in a terminal, pasteable into an issue)."""
+    cells = [tuple(map(str, header)), *[tuple(map(str, r)) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

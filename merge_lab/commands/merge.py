@@ -1,0 +1,90 @@
+"""`merge-lab merge`: one recipe, from flags and/or a recipe file, to a .safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..engine import merge_to_file
+from ..errors import RecipeError
+from ..progress import TqdmProgress
+from ..recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe flags; every default is None so that only the flags given override a recipe file."""
+    p.add_argument("--recipe", help="recipe file (YAML or JSON, same fields); flags override it")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="input checkpoints (globs and folders allowed)")
+    p.add_argument("--base", help="base model for task-vector methods (or C of add_difference)")
+    p.add_argument("--method", help="merge method (see `merge-lab methods`)")
+    p.add_argument("--alpha", type=float, help="global ratio α (default 0.5)")
+    p.add_argument("--blocks", help="26 (SD1/SD2) or 20 (SDXL) comma-separated block ratios "
+                                    "(BASE, IN.., M00, OUT..), or a preset name")
+    p.add_argument("--block", action="append", type=_name_value, metavar="NAME=X",
+                   help="one block's ratio (IN04, M00, OUT11, TIME, OUT, VAE, TE1, TE2, BASE); repeatable")
+    p.add_argument("--param", action="append", type=_name_value, metavar="NAME=VALUE",
+                   help="method hyper-parameter; repeatable")
+    p.add_argument("--weights", help="comma-separated per-model weights")
+    p.add_argument("--seed", type=int, help="seed of the drop masks (default 0)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the first model's)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help="compute dtype (default float32)")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="worker threads (default: cores, at most 4)")
+    p.add_argument("--memory-budget", dest="memory_budget", help="memory for tensors in flight, e.g. 2GB")
+    p.add_argument("--missing", choices=MISSING_CHOICES, help="a key missing in some model: error (default) "
+                                                               "or copy it from the first model that has it")
+    p.add_argument("--nonfinite", choices=NONFINITE_CHOICES, help="NaN/inf in an input: error (default), "
+                                                                   "replace by the first model's value, or by 0")
+    p.add_argument("--out", help="output .safetensors file")
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = Recipe.load(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    simple = ("models", "base", "method", "alpha", "blocks", "seed", "dtype", "precision", "device", "threads",
+              "memory_budget", "missing", "nonfinite", "out")
+    for name in simple:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(recipe, name, value)
+    if getattr(args, "block", None):
+        recipe.block = {**recipe.block, **{k: _float(k, v) for k, v in args.block}}
+    if getattr(args, "param", None):
+        recipe.params = {**recipe.params, **dict(args.param)}
+    if getattr(args, "weights", None):
+        recipe.weights = [_float("weights", w) for w in args.weights.split(",") if w.strip()]
+    return recipe
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise RecipeError(f"{name}: {value!r} is not a number") from None
+
+
+def add_parser(sub):
+    p = sub.add_parser("merge", help="merge checkpoints into a new .safetensors file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_recipe_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> int:
+    recipe = recipe_from_args(args)
+    if not recipe.out:
+        raise RecipeError("no output file given (--out)")
+    with TqdmProgress(recipe.out, disable=args.no_progress) as progress:
+        result = merge_to_file(recipe, progress=progress)
+    print(f"wrote {result.out}")
+    print(f"  {result.arch} {result.method}, {result.keys} keys, {result.seconds:.2f} s, "
+          f"recipe hash {result.fingerprint}")
+    print(f"  sha256 {result.sha256}")
+    print(f"  AutoV2 {result.autov2}")
+    return 0

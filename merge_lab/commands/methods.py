@@ -1,0 +1,41 @@
+"""`merge-lab methods`: every merge method with its parameters and defaults."""
+
+from __future__ import annotations
+
+import json
+
+from .._own import methods as _methods
+
+
+def add_parser(sub):
+    p = sub.add_parser("methods", help="list the merge methods, their parameters and defaults")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args) -> int:
+    M = _methods()
+    rows = []
+    for name in M.method_names():
+        m = M.get_method(name)
+        rows.append({
+            "name": name,
+            "summary": m.summary,
+            "base": m.base,
+            "models": f"{m.min_models}+" if m.max_models is None else
+                      (str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"),
+            "randomized": m.randomized,
+            "params": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "help": p.help,
+                        **({"choices": list(p.choices)} if p.choices else {})} for p in m.params],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        base = {"required": ", needs --base", "optional": ", --base optional", "never": ""}[r["base"]]
+        print(f"{r['name']}  ({r['models']} models{base}{', seeded' if r['randomized'] else ''})")
+        print(f"    {r['summary']}")
+        for p in r["params"]:
+            choices = f" [{'|'.join(map(str, p['choices']))}]" if "choices" in p else ""
+            print(f"    --param {p['name']}={p['default']}{choices}  {p['help']}")
+    return 0

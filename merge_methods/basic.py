@@ -1,0 +1,102 @@
+"""Interpolation methods: weighted sum, add difference, SLERP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import KeyContext, merge_method
+
+
+@merge_method(
+    "weighted_sum",
+    summary="(1−α)·A + α·B; N models: A moved by α toward the weighted mean Σwᵢθᵢ/Σwᵢ",
+    min_models=2,
+)
+def weighted_sum(models, base, ratio, ctx: KeyContext):
+    """Two models: (1−α)A + αB. N models: (1−α)·θ₁ + α·Σwᵢθᵢ/Σwᵢ, weights default (0, 1, …, 1), i.e.
+    the first model moves toward the mean of the others; weights (1, …, 1) and α = 1 give the plain mean."""
+    first = models[0]
+    if ctx.weights is None:
+        weights = (0.0,) + (1.0,) * (len(models) - 1)
+    else:
+        weights = tuple(float(w) for w in ctx.weights)
+        if len(weights) != len(models):
+            raise ValueError(f"weighted_sum: {len(weights)} weights for {len(models)} models")
+    total = sum(weights)
+    if total == 0:
+        raise ValueError("weighted_sum: the model weights sum to 0")
+    active = [(w, m) for w, m in zip(weights, models) if w != 0]
+    if len(active) == 1 and active[0][0] == total:
+        target = active[0][1]  # the two-model case: exactly B, no rounding from w/Σw
+    else:
+        target = torch.zeros_like(first)
+        for w, m in active:
+            target.add_(m, alpha=w / total)
+    return first * (1.0 - ratio) + target * ratio
+
+
+@merge_method(
+    "add_difference",
+    summary="A + α·(B − C): models A B C, or A B with --base C",
+    base="optional",
+    min_models=2,
+    max_models=3,
+)
+def add_difference(models, base, ratio, ctx: KeyContext):
+    if len(models) == 3:
+        if base is not None:
+            raise ValueError("add_difference takes A B C, or A B with a base C, not both")
+        a, b, c = models
+    else:
+        if base is None:
+            raise ValueError("add_difference needs a third model C (or --base C)")
+        (a, b), c = models, base
+    return a + (b - c) * ratio
+
+
+def slerp_statistics(models, base, ctx: KeyContext):
+    a, b = models
+    return {
+        "dot": torch.sum(a * b, dtype=torch.float64),
+        "norm_a2": torch.sum(a * a, dtype=torch.float64),
+        "norm_b2": torch.sum(b * b, dtype=torch.float64),
+    }
+
+
+# Below this sine of the angle the two tensors are treated as colinear and linearly interpolated.
+SLERP_COLINEAR_EPS = 1e-6
+
+
+@merge_method(
+    "slerp",
+    summary="great-circle interpolation of the directions of A and B, norms interpolated linearly",
+    min_models=2,
+    max_models=2,
+    statistics=slerp_statistics,
+)
+def slerp(models, base, ratio, ctx: KeyContext):
+    """Spherical interpolation per tensor. Directions a/|a|, b/|b| follow the great circle; the norm is
+    (1−t)|a| + t|b|. Falls back to the linear interpolation when a norm is 0 or the tensors are colinear
+    (sin Ω < 1e-6, which also covers opposite directions, where the great circle is undefined)."""
+    a, b = models
+    t = ratio
+    if t == 0:
+        return a.clone()
+    if t == 1:
+        return b.clone()
+    stats = ctx.stats if ctx.stats is not None else slerp_statistics(models, base, ctx)
+    norm_a = math.sqrt(float(stats["norm_a2"]))
+    norm_b = math.sqrt(float(stats["norm_b2"]))
+    if norm_a == 0 or norm_b == 0:
+        return a * (1.0 - t) + b * t
+    cos = max(-1.0, min(1.0, float(stats["dot"]) / (norm_a * norm_b)))
+    omega = math.acos(cos)
+    sin_omega = math.sin(omega)
+    if sin_omega < SLERP_COLINEAR_EPS:
+        return a * (1.0 - t) + b * t
+    scale = (1.0 - t) * norm_a + t * norm_b
+    coef_a = math.sin((1.0 - t) * omega) / sin_omega / norm_a * scale
+    coef_b = math.sin(t * omega) / sin_omega / norm_b * scale
+    return a * coef_a + b * coef_b

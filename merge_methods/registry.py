@@ -1,0 +1,181 @@
+"""The method registry: each merge method is a small pure function over tensors with declared parameters.
+
+Calling convention (every method)::
+
+    fn(models, base, ratio, ctx, **params) -> Tensor
+
+- ``models``: the input tensors of one key (or of one chunk of rows of it), already in the compute dtype
+  (float32, or float64 on request), same shape;
+- ``base``: the base model's tensor for task-vector methods, else ``None``;
+- ``ratio``: α_b, the ratio of the key's block. Interpolation methods use it as the interpolation ratio;
+  task-vector methods return ``base + ratio * τ*`` so that ratio 0 leaves the base untouched;
+- ``ctx``: a :class:`KeyContext` (key name, seed, where this chunk sits in the whole tensor, per-model
+  weights, precomputed statistics);
+- ``params``: the method's declared hyper-parameters, already validated and defaulted.
+
+Functions may modify nothing they are given except where noted, do no I/O and keep no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared hyper-parameter: its name says what it does (no inverted booleans)."""
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, value: Any) -> Any:
+        """Convert a value (a string from the CLI, or JSON/YAML data) and check it; ValueError if invalid."""
+        kind = self.kind
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    value = True
+                elif lowered in ("false", "0", "no", "off"):
+                    value = False
+                else:
+                    raise ValueError(f"{self.name} must be true or false, got {value!r}")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{self.name} must be true or false, got {value!r}")
+        elif kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(f"{self.name} must be a number, got {value!r}")
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.name} must be a number, got {value!r}") from None
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError(f"{self.name} must be finite, got {value!r}")
+            if kind is int:
+                if number != int(number):
+                    raise ValueError(f"{self.name} must be an integer, got {value!r}")
+                value = int(number)
+            else:
+                value = number
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"{self.name} must be >= {self.minimum}, got {value}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"{self.name} must be <= {self.maximum}, got {value}")
+        else:
+            value = str(value).strip()
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        extra = f" ({'|'.join(map(str, self.choices))})" if self.choices else ""
+        return f"{self.name}={self.default}{extra}: {self.help}"
+
+
+@dataclass(frozen=True)
+class KeyContext:
+    """What a method may know about the key it is merging, beyond the tensors themselves."""
+
+    key: str = ""
+    seed: int = 0
+    shape: tuple[int, ...] = ()  # shape of the whole tensor (the inputs may be a chunk of its rows)
+    offset: int = 0  # flat index, in the whole tensor, of the chunk's first element
+    weights: tuple[float, ...] | None = None  # per-model weights from the recipe, None when not given
+    stats: Mapping[str, Any] | None = None  # whole-tensor (or whole-block) statistics for chunked runs
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    summary: str
+    params: tuple[Param, ...] = ()
+    base: str = "never"  # "never" | "required" | "optional": whether the method takes a base model
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False  # uses seeded drop masks, so the seed is part of the result
+    # True when the result on any range of rows equals the same rows of the whole-tensor result given the
+    # same ctx.stats: the engine may then split big tensors into chunks of rows.
+    elementwise: bool = True
+    # Optional additive whole-tensor statistics: statistics(models, base, ctx, **params) -> dict of float64
+    # tensors whose sums over row chunks equal the whole-tensor value. The method reads them from ctx.stats.
+    statistics: Callable[..., dict[str, torch.Tensor]] | None = None
+    # Statistic computed over each whole block by the analysis pass ("block" granularity of Model Stock).
+    needs_block_statistics: Callable[[Mapping[str, Any]], bool] | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        valid = ", ".join(p.name for p in self.params) or "none"
+        raise ValueError(f"method {self.name} has no parameter {name!r} (valid: {valid})")
+
+    def normalize_params(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        out = {p.name: p.default for p in self.params}
+        for name, value in (given or {}).items():
+            out[name] = self.param(name).parse(value)
+        return out
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        if self.base == "required" and not has_base:
+            raise ValueError(f"method {self.name} needs a base model (--base)")
+        if self.base == "never" and has_base:
+            raise ValueError(f"method {self.name} takes no base model")
+        if n_models < self.min_models:
+            raise ValueError(f"method {self.name} needs at least {self.min_models} models, got {n_models}")
+        if self.max_models is not None and n_models > self.max_models:
+            raise ValueError(f"method {self.name} takes at most {self.max_models} models, got {n_models}")
+
+    def __call__(self, models: Sequence[torch.Tensor], base: torch.Tensor | None = None, ratio: float = 1.0,
+                 ctx: KeyContext | None = None, **params) -> torch.Tensor:
+        full = self.normalize_params(params)
+        return self.fn(list(models), base, float(ratio), ctx or KeyContext(shape=tuple(models[0].shape)), **full)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, *, summary: str, params: Sequence[Param] = (), **options) -> Callable[[MethodFn], MethodFn]:
+    """Register `fn` as merge method `name` (mergekit-style registry, sd-mecha-style declared params)."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        method = MergeMethod(name=name, fn=fn, summary=summary, params=tuple(params), **options)
+        for alias in (name, *method.aliases):
+            if alias in REGISTRY:
+                raise RuntimeError(f"merge method {alias!r} registered twice")
+            REGISTRY[alias] = method
+        fn.method = method
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r} (valid: {', '.join(method_names())})") from None
+
+
+def method_names() -> list[str]:
+    return sorted({m.name for m in REGISTRY.values()})

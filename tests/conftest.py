@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints with the real key sets, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from merge_lab.demo_models import make_family
+
+# Merge tests use width 8 and a 256-token vocabulary: the real key set, ~1-2 M parameters per model.
+TEST_WIDTH = 8
+TEST_VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hash_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "merge-lab-cache"))
+
+
+def _family(tmp_path_factory, arch, dtype=torch.float16, finetunes=3):
+    folder = tmp_path_factory.mktemp(f"{arch}-{str(dtype).split('.')[-1]}")
+    return make_family(arch, folder, finetunes=finetunes, width=TEST_WIDTH, vocab=TEST_VOCAB, dtype=dtype,
+                       prefix=arch)
+
+
+@pytest.fixture(scope="session")
+def sd1_family(tmp_path_factory):
+    """(base, [ft1, ft2, ft3]) tiny SD1.5 fp16 checkpoints."""
+    return _family(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def sdxl_family(tmp_path_factory):
+    return _family(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd2_family(tmp_path_factory):
+    return _family(tmp_path_factory, "sd2", finetunes=2)
+
+
+@pytest.fixture(scope="session")
+def sd1_fp32_family(tmp_path_factory):
+    return _family(tmp_path_factory, "sd1", dtype=torch.float32, finetunes=2)
