@@ -6,9 +6,31 @@ STAMP  := $(VENV)/.merge-lab-installed
 # torch is pinned before anything else: an unpinned torch pulls GBs of CUDA packages.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint clean
+# The web UIs pin old gradio versions (SPEC §6) that cannot share a venv with current diffusers: the tab
+# builder is tested on each in its own venv, without the preview extra (pins from SPEC §6).
+GRADIO3_PINS := gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 "huggingface_hub<1.0"
+GRADIO4_PINS := gradio==4.40.0 fastapi==0.112.2 pydantic==2.10.6 "huggingface_hub<1.0"
+
+.PHONY: setup setup-gradio3 setup-gradio4 demo test test-gradio-hosts lint clean
 
 setup: $(STAMP)
+
+setup-gradio3: .venv-gradio3/.merge-lab-installed
+setup-gradio4: .venv-gradio4/.merge-lab-installed
+
+.venv-gradio3/.merge-lab-installed: pyproject.toml
+	$(PYTHON) -m venv .venv-gradio3
+	.venv-gradio3/bin/python -m pip install --quiet --upgrade pip
+	.venv-gradio3/bin/python -m pip install --quiet $(TORCH)
+	.venv-gradio3/bin/python -m pip install --quiet -e . pytest $(GRADIO3_PINS) $(TORCH)
+	touch $@
+
+.venv-gradio4/.merge-lab-installed: pyproject.toml
+	$(PYTHON) -m venv .venv-gradio4
+	.venv-gradio4/bin/python -m pip install --quiet --upgrade pip
+	.venv-gradio4/bin/python -m pip install --quiet $(TORCH)
+	.venv-gradio4/bin/python -m pip install --quiet -e . pytest $(GRADIO4_PINS) $(TORCH)
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -497,8 +497,13 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
     return meta
 
 
+# Metadata that describes how a file was made; a user sharing a model may leave it out.
+RECIPE_METADATA_KEYS = ("sd_merge_recipe", "sd_merge_models")
+
+
 def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-                  plan: MergePlan | None = None) -> MergeResult:
+                  plan: MergePlan | None = None, recipe_metadata: bool = True) -> MergeResult:
+    """Merge into `recipe.out`. `recipe_metadata=False` leaves out `sd_merge_recipe` / `sd_merge_models`."""
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
     start = time.perf_counter()
@@ -506,7 +511,10 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
     plan = plan or prepare(recipe)
     try:
         out = Path(recipe.out)
-        writer = SafetensorsWriter(out, plan.output_entries(), build_metadata(plan, out.stem))
+        metadata = build_metadata(plan, out.stem)
+        if not recipe_metadata:
+            metadata = {k: v for k, v in metadata.items() if k not in RECIPE_METADATA_KEYS}
+        writer = SafetensorsWriter(out, plan.output_entries(), metadata)
         with writer:
             Executor(plan, progress, cancel).run(writer.write)
             sha = writer.finish()

@@ -1,0 +1,115 @@
+"""What the tab needs from the place it runs in: the model list, where outputs go, and how to preview.
+
+Two implementations: :class:`StandaloneBackend` (``merge-lab ui``: model folders given on the command line,
+previews rendered with diffusers) and ``host.HostBackend`` (inside AUTOMATIC1111 / Forge / reForge: the host's
+model list, the merged weights loaded into the running model, previews from the host's own txt2img).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from merge_lab.errors import MergeLabError, RecipeError
+from merge_lab.recipe import Recipe
+
+from .model_catalog import output_file, resolve_in_folders, scan_folders
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class PreviewSettings:
+    prompt: str = "a photo of a cat"
+    negative_prompt: str = ""
+    seed: int = 1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = ""
+
+
+@dataclass
+class PreviewResult:
+    images: list[Any]  # PIL images
+    infotext: str  # the generation parameters, in the web UI's "parameters" format
+    model_name: str  # the name the merged model runs under (identifies the recipe)
+    recipe_hash: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class PreviewUnavailable(MergeLabError):
+    """Previews cannot be rendered here (e.g. the preview extra is not installed)."""
+
+
+class Backend:
+    """Defaults shared by every backend; subclasses say where models live and how previews are made."""
+
+    kind = "base"
+    title = "Merge Lab"
+    supports_xyz = False  # the X/Y/Z plot axes exist only inside a web UI
+
+    def model_names(self, refresh: bool = False) -> list[str]:
+        raise NotImplementedError
+
+    def resolve_model(self, name: str) -> str:
+        raise NotImplementedError
+
+    def output_path(self, name: str) -> str:
+        raise NotImplementedError
+
+    def after_save(self, path: str) -> None:
+        """Called after a merge was written (the host refreshes its checkpoint list)."""
+
+    def preview_available(self) -> str | None:
+        """None when previews work here, else a one-line reason."""
+        return None
+
+    def sampler_names(self) -> list[str]:
+        return []
+
+    def preview_defaults(self) -> PreviewSettings:
+        return PreviewSettings()
+
+    def preview(self, recipe: Recipe, settings: PreviewSettings, *, progress: ProgressFn | None = None,
+                cancel: threading.Event | None = None) -> PreviewResult:
+        raise NotImplementedError
+
+    def remember_xyz_recipe(self, recipe: Recipe) -> None:
+        raise RecipeError("the X/Y/Z plot axes exist only inside the web UI")
+
+
+class FolderBackend(Backend):
+    """Models are the files inside the given folders; merges are saved into the first one."""
+
+    def __init__(self, folders: Sequence[str | os.PathLike], output_folder: str | os.PathLike | None = None):
+        self.folders = [os.path.abspath(os.fspath(f)) for f in folders]
+        if not self.folders:
+            raise RecipeError("no model folder given (--models-dir)")
+        self.output_folder = os.path.abspath(os.fspath(output_folder or self.folders[0]))
+        self._listed: dict[str, str] = {}
+
+    def model_names(self, refresh: bool = False) -> list[str]:
+        if refresh or not self._listed:
+            self._listed = scan_folders(self.folders)
+        return list(self._listed)
+
+    def resolve_model(self, name: str) -> str:
+        if not self._listed:
+            self.model_names(refresh=True)
+        try:
+            return resolve_in_folders(name, self.folders, self._listed)
+        except RecipeError:
+            self.model_names(refresh=True)  # a file added since the last listing
+            return resolve_in_folders(name, self.folders, self._listed)
+
+    def output_path(self, name: str) -> str:
+        return output_file(name, self.output_folder)
+
+    def after_save(self, path: str) -> None:
+        self.model_names(refresh=True)

@@ -1,0 +1,376 @@
+"""The tab's event handlers as plain Python: form values in, {field: value or update} out.
+
+Kept apart from the gradio layout (ui.py) so that every handler can be called directly in tests on each
+gradio version, and so that the host adapter and the standalone app share them unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from merge_lab._own import methods
+from merge_lab.arch import ARCH_NAMES, detect
+from merge_lab.checkpoint import read_header_any
+from merge_lab.engine import merge_to_file
+from merge_lab.errors import MergeCancelled, MergeLabError, RecipeError
+from merge_lab.presets import presets
+from merge_lab.recipe import Recipe
+
+from . import analysis_view
+from .backend import Backend, PreviewSettings
+from .compat import update
+from .form import (
+    ARCHES,
+    AUTO,
+    BLOCK_FIELDS,
+    DEFAULT_ARCH,
+    NO_BASE,
+    SLIDER_BLOCKS,
+    block_field,
+    form_from_record,
+    param_widgets,
+    preset_slider_values,
+    recipe_from_form,
+    recipe_json,
+    slider_values_from_text,
+    values_text,
+    visible_blocks,
+)
+
+GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=...)
+
+# The form fields every recipe-building handler reads, in this order (the method parameters follow).
+RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", *BLOCK_FIELDS, "extra_blocks", "arch",
+                 "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite"]
+SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
+PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
+
+
+class Busy(RecipeError):
+    """Another merge is running in this process."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class TabController:
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.widgets = param_widgets()
+        self.param_fields = [w.field for w in self.widgets]
+        self._job_lock = threading.Lock()
+        self._job_name: str | None = None
+        self._cancel = threading.Event()
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    @property
+    def recipe_fields(self) -> list[str]:
+        return [*RECIPE_FIELDS, *self.param_fields]
+
+    def method_names(self) -> list[str]:
+        return methods().method_names()
+
+    def recipe(self, form: Mapping[str, Any]) -> Recipe:
+        return recipe_from_form(form, self.backend.resolve_model, self.widgets)
+
+    def listed_names(self, paths: list[str]) -> list[str]:
+        listed = {os.path.normpath(self.backend.resolve_model(n)): n for n in self.backend.model_names()}
+        return [listed.get(os.path.normpath(p), os.path.basename(p)) for p in paths]
+
+    def _recipe_text(self, recipe: Recipe) -> str:
+        try:
+            return recipe_json(recipe, self.listed_names)
+        except MergeLabError:
+            return recipe_json(recipe)
+
+    @contextlib.contextmanager
+    def job(self, name: str):
+        """One merge at a time per process (each holds models' worth of memory); yields its cancel event."""
+        if not self._job_lock.acquire(blocking=False):
+            raise Busy(f"{self._job_name} is running; wait for it or cancel it")
+        self._job_name = name
+        self._cancel.clear()
+        try:
+            yield self._cancel
+        finally:
+            self._job_name = None
+            self._job_lock.release()
+
+    @staticmethod
+    def _progress_adapter(progress: GuiProgress | None, label: str):
+        if progress is None:
+            return None
+        last = [0.0]
+
+        def report(done: int, total: int, key: str) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < 0.1:  # the browser needs no more than ~10 updates a second
+                return
+            last[0] = now
+            with contextlib.suppress(Exception):  # a closed browser tab must not fail the merge
+                progress(done / total if total else 1.0, desc=f"{label}: {key}")
+
+        return report
+
+    # ---- model list, method, architecture --------------------------------------------------------------
+    def refresh_models(self, models: list[str] | None = None, base: str | None = None,
+                       source: str | None = None) -> dict[str, Any]:
+        names = self.backend.model_names(refresh=True)
+        keep = [m for m in (models or []) if m in names]
+        return {
+            "models": update(choices=names, value=keep),
+            "base": update(choices=[NO_BASE, *names], value=base if base in names else NO_BASE),
+            "recipe_source": update(choices=names, value=source if source in names else None),
+            "status": f"{len(names)} model(s) in the model folder(s)",
+        }
+
+    def method_changed(self, method_name: str) -> dict[str, Any]:
+        M = methods()
+        try:
+            method = M.get_method(method_name)
+        except ValueError as e:
+            return {"status": _one_line(e)}
+        out: dict[str, Any] = {}
+        for w in self.widgets:
+            applies = method.name in w.defaults
+            out[w.field] = update(visible=applies, value=w.defaults[method.name]) if applies else \
+                update(visible=False)
+        inputs = f"{method.min_models}+" if method.max_models is None else (
+            str(method.min_models) if method.min_models == method.max_models else
+            f"{method.min_models}–{method.max_models}")
+        base_note = {"required": "needs a base model", "optional": "takes an optional base model",
+                     "never": "takes no base model"}[method.base]
+        out["method_info"] = f"**{method.name}**: {method.summary}. Models: {inputs}; {base_note}."
+        out["base"] = update(visible=method.base != "never")
+        return out
+
+    def models_changed(self, models: list[str] | None, use_blocks: bool, *slider_values: float) -> dict[str, Any]:
+        """Detect the architecture of the first model and show its blocks."""
+        arch, label = DEFAULT_ARCH, "architecture: choose models"
+        if models:
+            try:
+                path = self.backend.resolve_model(models[0])
+                header = read_header_any(path)
+                detected = detect(header.tensors, header.metadata, path)
+                arch = detected.arch
+                label = f"architecture: {ARCH_NAMES[arch]}" + (
+                    f" ({', '.join(detected.variants)})" if detected.variants else "")
+            except MergeLabError as e:
+                label = f"architecture: unknown ({_one_line(e)})"
+        out: dict[str, Any] = {"arch": arch, "arch_info": label}
+        shown = set(visible_blocks(arch))
+        for b in SLIDER_BLOCKS:
+            out[block_field(b)] = update(visible=b in shown)
+        values = dict(zip(SLIDER_BLOCKS, slider_values))
+        out["mbw_text"] = values_text([float(values[b]) for b in visible_blocks(arch)]) if values else ""
+        return out
+
+    # ---- block ratios: presets, the MBW string and the sliders, kept in sync -----------------------------
+    def preset_chosen(self, preset: str | None, arch: str) -> dict[str, Any]:
+        if not preset:
+            return {}
+        try:
+            values = preset_slider_values(preset, arch)
+        except MergeLabError as e:
+            return {"status": _one_line(e)}
+        out: dict[str, Any] = {block_field(b): v for b, v in values.items()}
+        out["mbw_text"] = values_text(list(values.values()))
+        out["use_blocks"] = True
+        out["status"] = f"preset {preset} applied to the {len(values)} blocks"
+        return out
+
+    def mbw_text_edited(self, text: str, arch: str, alpha: float) -> dict[str, Any]:
+        if not (text or "").strip():
+            return {}
+        try:
+            values = slider_values_from_text(text, arch, float(alpha))
+        except MergeLabError as e:
+            return {"status": _one_line(e)}
+        out: dict[str, Any] = {block_field(b): v for b, v in values.items()}
+        out["mbw_text"] = values_text(list(values.values()))
+        out["use_blocks"] = True
+        out["preset"] = None
+        return out
+
+    def sliders_moved(self, arch: str, *slider_values: float) -> dict[str, Any]:
+        values = dict(zip(SLIDER_BLOCKS, slider_values))
+        return {"mbw_text": values_text([float(values[b]) for b in visible_blocks(arch)])}
+
+    # ---- analysis -----------------------------------------------------------------------------------------
+    def analyze(self, form: Mapping[str, Any], progress: GuiProgress | None = None) -> dict[str, Any]:
+        try:
+            recipe = self.recipe(form)
+            with self.job("an analysis") as cancel:
+                report = analysis_view.analyze(recipe, progress=self._progress_adapter(progress, "analyzing"),
+                                               cancel=cancel)
+        except MergeCancelled:
+            return {"status": "analysis cancelled"}
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        return {
+            "theta_table": report.table_html,
+            "heatmap": report.heatmap,
+            "status": report.summary,
+        }
+
+    # ---- merging ------------------------------------------------------------------------------------------
+    def merge(self, form: Mapping[str, Any], progress: GuiProgress | None = None) -> dict[str, Any]:
+        try:
+            recipe = self.recipe(form)
+            recipe.out = self.backend.output_path(form.get("out_name") or "")
+            recipe.validate()
+            if os.path.exists(recipe.out) and not form.get("overwrite"):
+                raise RecipeError("exists; tick 'Overwrite' to replace it", path=recipe.out)
+            with self.job("a merge") as cancel:
+                result = merge_to_file(recipe, progress=self._progress_adapter(progress, "merging"), cancel=cancel,
+                                       recipe_metadata=bool(form.get("recipe_metadata", True)))
+            self.backend.after_save(result.out)
+        except MergeCancelled:
+            return {"status": "merge cancelled; nothing was written"}
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        except Exception as e:  # a bug, not bad input: keep the tab alive and say where to look
+            traceback.print_exc()
+            return {"status": f"internal error ({type(e).__name__}: {_one_line(e)}); see the console"}
+        status = (f"saved {os.path.basename(result.out)} in {result.seconds:.1f} s — {result.arch} {result.method}, "
+                  f"{result.keys} keys; sha256 {result.sha256}; AutoV2 {result.autov2}; recipe hash "
+                  f"{result.fingerprint}")
+        return {"status": status, "recipe_json": self._recipe_text(recipe)}
+
+    def cancel(self) -> dict[str, Any]:
+        if self._job_name is None:
+            return {"status": "nothing to cancel"}
+        self._cancel.set()
+        return {"status": f"cancelling {self._job_name}…"}
+
+    def merge_and_preview(self, form: Mapping[str, Any], progress: GuiProgress | None = None) -> dict[str, Any]:
+        reason = self.backend.preview_available()
+        if reason:
+            return {"status": f"preview unavailable: {reason}"}
+        try:
+            recipe = self.recipe(form)
+            recipe.validate()
+            settings = self.preview_settings(form)
+            with self.job("a merge for the preview") as cancel:
+                result = self.backend.preview(recipe, settings, progress=self._progress_adapter(progress, "merging"),
+                                              cancel=cancel)
+        except MergeCancelled:
+            return {"status": "merge cancelled"}
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        except Exception as e:
+            traceback.print_exc()
+            return {"status": f"internal error ({type(e).__name__}: {_one_line(e)}); see the console"}
+        image = result.images[0] if result.images else None
+        notes = f" ({'; '.join(result.notes)})" if result.notes else ""
+        return {
+            "preview_image": image,
+            "preview_info": result.infotext,
+            "status": f"preview of {result.model_name} (recipe hash {result.recipe_hash}) in {result.seconds:.1f} s"
+                      f"{notes}",
+            "recipe_json": self._recipe_text(recipe),
+        }
+
+    @staticmethod
+    def preview_settings(form: Mapping[str, Any]) -> PreviewSettings:
+        def number(name, kind, lo, hi):
+            value = form.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RecipeError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
+            if not lo <= value <= hi:
+                raise RecipeError(f"{name.replace('_', ' ')} = {value} is outside [{lo}, {hi}]")
+            return kind(value)
+
+        return PreviewSettings(
+            prompt=str(form.get("prompt") or ""),
+            negative_prompt=str(form.get("negative_prompt") or ""),
+            seed=number("preview_seed", int, 0, 2**32 - 1),
+            steps=number("steps", int, 1, 150),
+            cfg_scale=number("cfg_scale", float, 0, 30),
+            width=number("width", int, 64, 2048) // 8 * 8,
+            height=number("height", int, 64, 2048) // 8 * 8,
+            sampler=str(form.get("sampler") or ""),
+        )
+
+    # ---- recipes: show, load back from a merged file, hand to the X/Y/Z plot -------------------------------
+    def show_recipe(self, form: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            recipe = self.recipe(form)
+            recipe.validate()
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        return {"recipe_json": self._recipe_text(recipe), "status": "recipe checked"}
+
+    def load_recipe(self, source: str | None) -> dict[str, Any]:
+        if not source:
+            return {"status": "choose a merged model to read its recipe from"}
+        try:
+            path = self.backend.resolve_model(source)
+            header = read_header_any(path)
+            raw = header.metadata.get("sd_merge_recipe")
+            if not raw:
+                raise RecipeError("has no sd_merge_recipe metadata (not a merge, or saved without it)", path=source)
+            try:
+                record = json.loads(raw)
+                merged_models = json.loads(header.metadata.get("sd_merge_models") or "{}")
+            except ValueError:
+                raise RecipeError("sd_merge_recipe is not valid JSON", path=source) from None
+            values, notes = form_from_record(record, self._find_listed, merged_models)
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        method = methods().get_method(values["method"])
+        out: dict[str, Any] = dict(values)
+        for w in self.widgets:  # parameter values from the record win over the method's defaults
+            applies = method.name in w.defaults
+            out[w.field] = update(visible=applies, value=values.get(w.field, w.defaults.get(method.name))) \
+                if applies else update(visible=False)
+        out["base"] = update(value=values["base"], visible=method.base != "never")
+        out["method_info"] = self.method_changed(method.name)["method_info"]
+        arch = values.get("arch", DEFAULT_ARCH)
+        shown = set(visible_blocks(arch))
+        for b in SLIDER_BLOCKS:
+            field = block_field(b)
+            out[field] = update(visible=b in shown, **({"value": values[field]} if field in values else {}))
+        out["status"] = f"recipe loaded from {source}" + (f" — {'; '.join(notes)}" if notes else "")
+        return out
+
+    def _find_listed(self, name: str) -> str | None:
+        names = self.backend.model_names()
+        if name in names:
+            return name
+        base = os.path.basename(name)
+        return next((n for n in names if os.path.basename(n) == base), None)
+
+    def use_for_xyz(self, form: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            recipe = self.recipe(form)
+            recipe.validate()
+            self.backend.remember_xyz_recipe(recipe)
+        except MergeLabError as e:
+            return {"status": f"error: {_one_line(e)}"}
+        return {"status": "the X/Y/Z plot's [Merge Lab] axes now vary this recipe", "recipe_json":
+                self._recipe_text(recipe)}
+
+
+def preset_names() -> list[str]:
+    return list(presets())
+
+
+def arch_choices() -> tuple[str, ...]:
+    return ARCHES
+
+
+def escape(text: str) -> str:
+    return html.escape(text)
+
+
+__all__ = ["AUTO", "PREVIEW_FIELDS", "RECIPE_FIELDS", "SAVE_FIELDS", "TabController"]

@@ -1,0 +1,348 @@
+"""The tab's form as data: which fields it has, and how its values become a Recipe (and back).
+
+Every entry point builds the same :class:`merge_lab.recipe.Recipe`; the tab's form is one more way to fill
+it. Method parameters are not hard-coded: the widgets are derived from the methods' declared ``Param``s,
+one widget per distinct (name, kind, choices), shown only for the methods that declare it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from merge_lab._own import methods
+from merge_lab.blocks import all_blocks, extra_blocks, main_blocks, parse_values
+from merge_lab.errors import RecipeError
+from merge_lab.recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
+
+ARCHES = ("sd1", "sd2", "sdxl")
+SLIDER_BLOCKS = main_blocks("sd1")  # the 26 main blocks; SDXL shows the 20 of them it has
+AUTO = "auto"
+NO_BASE = "(none)"
+DEFAULT_ARCH = "sd1"
+
+
+def block_field(block: str) -> str:
+    return f"block_{block}"
+
+
+BLOCK_FIELDS = [block_field(b) for b in SLIDER_BLOCKS]
+
+
+@dataclass(frozen=True)
+class ParamWidget:
+    """One widget for a declared method parameter; `defaults` holds each declaring method's default."""
+
+    key: str
+    name: str
+    kind: type
+    choices: tuple | None
+    minimum: float | None
+    maximum: float | None
+    help: str
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def field(self) -> str:
+        return f"param_{self.key}"
+
+    def to_value(self, raw: Any) -> Any:
+        """The widget's value as the parameter's kind (gradio Numbers give floats)."""
+        if raw is None:
+            return None
+        if self.kind is int and isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        return raw
+
+
+def param_widgets() -> list[ParamWidget]:
+    """The union of every registered method's parameters, one entry per (name, kind, choices)."""
+    M = methods()
+    found: dict[tuple, dict[str, Any]] = {}
+    info: dict[tuple, Any] = {}
+    for method_name in M.method_names():
+        method = M.get_method(method_name)
+        for p in method.params:
+            signature = (p.name, p.kind, p.choices)
+            found.setdefault(signature, {})[method.name] = p.default
+            info.setdefault(signature, p)
+    by_name: dict[str, int] = {}
+    for name, _, _ in found:
+        by_name[name] = by_name.get(name, 0) + 1
+    widgets = []
+    for signature, defaults in found.items():
+        name, kind, choices = signature
+        p = info[signature]
+        key = name if by_name[name] == 1 else f"{name}_{kind.__name__}{len(widgets)}"
+        widgets.append(ParamWidget(key, name, kind, choices, p.minimum, p.maximum, p.help, dict(defaults)))
+    return widgets
+
+
+def base_mode(method_name: str) -> str:
+    """'never' | 'optional' | 'required': whether the method takes a base model."""
+    return methods().get_method(method_name).base
+
+
+# --------------------------------------------------------------------------------------------------
+# block ratios
+# --------------------------------------------------------------------------------------------------
+
+def visible_blocks(arch: str | None) -> list[str]:
+    return main_blocks(arch if arch in ARCHES else DEFAULT_ARCH)
+
+
+def values_text(values: list[float]) -> str:
+    """`0.5,1,0.25` — the MBW string users paste between tools (no trailing zeros)."""
+    return ",".join(_short(v) for v in values)
+
+
+def _short(v: float) -> str:
+    text = f"{v:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[str, float]:
+    """{block: ratio} for the arch's main blocks from a 26/20 (or 25/19 without BASE) value string."""
+    from merge_lab.blocks import resolve_ratios
+
+    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    values = parse_values(text)
+    ratios = resolve_ratios(arch, alpha, values)
+    return {b: ratios[b] for b in main_blocks(arch)}
+
+
+def preset_slider_values(name: str, arch: str | None) -> dict[str, float]:
+    from merge_lab.presets import preset_values
+
+    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    values = preset_values(name, arch)
+    return dict(zip(main_blocks(arch), values))
+
+
+def parse_named_blocks(text: str, arch: str | None) -> dict[str, float]:
+    """'TIME=0.3, VAE=0' -> {'TIME': 0.3, 'VAE': 0.0}; names checked against the arch's blocks."""
+    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    out: dict[str, float] = {}
+    for part in (text or "").replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().upper()
+        if not sep:
+            raise RecipeError(f"block setting {part!r} is not NAME=VALUE (e.g. VAE=0)")
+        if name not in all_blocks(arch):
+            raise RecipeError(f"unknown block {name!r} for {arch} (valid: {', '.join(all_blocks(arch))})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise RecipeError(f"block {name}: {value.strip()!r} is not a number") from None
+    return out
+
+
+def named_blocks_text(named: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={_short(float(v))}" for k, v in named.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# form <-> recipe
+# --------------------------------------------------------------------------------------------------
+
+def _number(form: Mapping[str, Any], name: str, what: str) -> float:
+    value = form.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _weights(text: str | None) -> list[float] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [float(w) for w in text.replace(";", ",").split(",") if w.strip()]
+    except ValueError:
+        raise RecipeError(f"weights {text!r} are not comma-separated numbers") from None
+
+
+def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
+                     widgets: list[ParamWidget] | None = None) -> Recipe:
+    """The Recipe the form describes; model names are turned into paths by `resolve` (which refuses
+    anything outside the model folders). Raises a one-line RecipeError on bad input."""
+    M = methods()
+    method_name = form.get("method") or "weighted_sum"
+    try:
+        method = M.get_method(method_name)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    names = form.get("models") or []
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        raise RecipeError("choose the models to merge")
+    models = [resolve(n) for n in names]
+    base_name = form.get("base")
+    base = None
+    if method.base != "never" and base_name and base_name != NO_BASE:
+        base = resolve(base_name)
+    arch = form.get("arch") if form.get("arch") in ARCHES else DEFAULT_ARCH
+    alpha = _number(form, "alpha", "the global ratio α")
+    blocks = None
+    if form.get("use_blocks"):
+        values = []
+        for b in main_blocks(arch):
+            values.append(_number(form, block_field(b), f"block {b}"))
+        blocks = values_text(values)
+    named = parse_named_blocks(form.get("extra_blocks") or "", arch)
+    params = {}
+    for w in widgets if widgets is not None else param_widgets():
+        if method.name in w.defaults:
+            value = w.to_value(form.get(w.field))
+            if value is not None and value != "":
+                params[w.name] = value
+    seed = form.get("seed", 0)
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    dtype = form.get("dtype") or AUTO
+    memory = (form.get("memory_budget") or "").strip() or None
+    recipe = Recipe(
+        models=models,
+        method=method.name,
+        base=base,
+        alpha=alpha,
+        blocks=blocks,
+        block=named,
+        params=params,
+        weights=_weights(form.get("weights")),
+        seed=seed,
+        dtype=None if dtype == AUTO else dtype,
+        precision=form.get("precision") or "float32",
+        device=form.get("device") or "cpu",
+        missing=form.get("missing") or "error",
+        nonfinite=form.get("nonfinite") or "error",
+        memory_budget=memory,
+    )
+    return recipe
+
+
+def recipe_json(recipe: Recipe, names: Callable[[list[str]], list[str]] | None = None) -> str:
+    """The recipe as the JSON body of the HTTP route / a recipe file (models by their listed names)."""
+    data = recipe.to_dict()
+    if names is not None:
+        data["models"] = names(list(recipe.models))
+        if recipe.base:
+            data["base"] = names([recipe.base])[0]
+    for local in ("device", "threads", "memory_budget"):
+        data.pop(local, None)
+    return json.dumps(data, indent=2)
+
+
+CHOICES = {
+    "dtype": (AUTO, *DTYPE_CHOICES),
+    "precision": PRECISION_CHOICES,
+    "missing": MISSING_CHOICES,
+    "nonfinite": NONFINITE_CHOICES,
+}
+
+
+def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str | None],
+                     merged_models: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Form values from a `sd_merge_recipe` record (ours, or the web UI's own merger's, whose models are
+    named in `sd_merge_models` by hash); returns the values and notes for the user (models not found in
+    the folders, fields that could not be used)."""
+    notes: list[str] = []
+    if not isinstance(record, Mapping):
+        raise RecipeError("sd_merge_recipe is not a JSON object")
+    kind = record.get("type")
+    if kind == "webui":
+        record = _from_webui_record(record, merged_models or {}, notes)
+    elif kind not in (None, "merge-lab"):
+        raise RecipeError(f"the recipe was written by {kind!r}, not by Merge Lab or the web UI's merger")
+    M = methods()
+    try:
+        method = M.get_method(record.get("method", "weighted_sum"))
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    values: dict[str, Any] = {"method": method.name}
+    models = []
+    for name in record.get("models") or []:
+        found = model_name(name)
+        if found is None:
+            notes.append(f"model {name} is not in the model folders")
+        else:
+            models.append(found)
+    values["models"] = models
+    if record.get("base"):
+        found = model_name(record["base"])
+        if found is None:
+            notes.append(f"base model {record['base']} is not in the model folders")
+        values["base"] = found or NO_BASE
+    else:
+        values["base"] = NO_BASE
+    alpha = record.get("alpha", 0.5)
+    values["alpha"] = float(alpha)
+    ratios = record.get("ratios") or {}
+    arch = _arch_of_ratios(ratios)
+    if arch:
+        values["arch"] = arch
+    blocks_given = record.get("blocks") not in (None, "")
+    values["use_blocks"] = bool(blocks_given)
+    if blocks_given and arch:
+        for b in main_blocks(arch):
+            if b in ratios:
+                values[block_field(b)] = float(ratios[b])
+        values["mbw_text"] = values_text([float(ratios[b]) for b in main_blocks(arch) if b in ratios])
+    named = dict(record.get("block") or {})
+    if arch:
+        extras = set(extra_blocks(arch))
+        named = {k: v for k, v in named.items() if k.upper() in set(all_blocks(arch)) | extras}
+    values["extra_blocks"] = named_blocks_text(named)
+    params = record.get("params") or {}
+    widgets = {w.name: w for w in param_widgets() if method.name in w.defaults}
+    for name, value in params.items():
+        w = widgets.get(name)
+        if w is None:
+            notes.append(f"parameter {name} is not a parameter of {method.name}")
+            continue
+        values[w.field] = value
+    weights = record.get("weights")
+    values["weights"] = ",".join(_short(float(w)) for w in weights) if weights else ""
+    values["seed"] = int(record.get("seed", 0))
+    values["dtype"] = record.get("dtype") if record.get("dtype") in DTYPE_CHOICES else AUTO
+    for name in ("precision", "missing", "nonfinite"):
+        if record.get(name) in CHOICES[name]:
+            values[name] = record[name]
+    return values, notes
+
+
+def _arch_of_ratios(ratios: Mapping[str, Any]) -> str | None:
+    if not ratios:
+        return None
+    if "TE1" in ratios or ("IN08" in ratios and "IN09" not in ratios):
+        return "sdxl"
+    return "sd1"
+
+
+_WEBUI_METHODS = {"Weighted sum": "weighted_sum", "Add difference": "add_difference"}
+
+
+def _from_webui_record(record: Mapping[str, Any], merged_models: Mapping[str, Any], notes: list[str]
+                       ) -> dict[str, Any]:
+    """The web UI's own checkpoint merger writes {type: webui, primary_model_hash, interp_method, multiplier…}
+    and names the models by sha256 in sd_merge_models."""
+    method = _WEBUI_METHODS.get(record.get("interp_method"))
+    if method is None:
+        raise RecipeError(f"the web UI merger's method {record.get('interp_method')!r} has no Merge Lab equivalent")
+    names = []
+    for key in ("primary_model_hash", "secondary_model_hash", "tertiary_model_hash"):
+        sha = record.get(key)
+        if sha:
+            entry = merged_models.get(sha)
+            names.append(entry.get("name") if isinstance(entry, Mapping) and entry.get("name") else sha[:10])
+    if method == "weighted_sum":
+        names = names[:2]
+    notes.append("recipe from the web UI's own merger: method, models and ratio taken over")
+    return {"method": method, "models": names, "alpha": float(record.get("multiplier", 0.5))}
