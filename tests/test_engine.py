@@ -78,13 +78,25 @@ def test_add_difference_three_models_and_base_form(sd1_family, tmp_path):
         assert torch.equal(O1[k], O2[k])
 
 
-def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path):
+def force_small_units(monkeypatch, unit=1500, slice_=300):
+    """Tiny test tensors would fit one unit and one slice: make both small to exercise the splitting."""
+    from merge_lab import engine
+
+    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", unit)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", slice_)
+
+
+def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path, monkeypatch):
     _, (a, b, c) = sd1_family
     for method, models in (("weighted_sum", [a, b]), ("slerp", [a, c]), ("add_difference", [a, b, c])):
         whole = tmp_path / f"{method}-whole.safetensors"
         merge_to_file(Recipe(models=[str(m) for m in models], method=method, alpha=0.4, out=str(whole)))
-        chunked = merge_to_state_dict(Recipe(models=[str(m) for m in models], method=method, alpha=0.4,
-                                             memory_budget="1MB", threads=3))
+        with monkeypatch.context() as m:
+            force_small_units(m)
+            # 1 MB over 128 units in flight: keys above ~1400 elements are split into row chunks, so
+            # slerp's whole-tensor statistics are gathered over chunks in a first pass
+            chunked = merge_to_state_dict(Recipe(models=[str(m) for m in models], method=method, alpha=0.4,
+                                                 threads=64, memory_budget="1MB"))
         W = load_file(whole)
         assert set(W) == set(chunked.state_dict)
         for k in W:
@@ -94,14 +106,20 @@ def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp
                 assert torch.equal(chunked.state_dict[k], W[k]), k
 
 
-def test_chunking_really_splits(sd1_family):
+def test_chunking_really_splits(sd1_family, monkeypatch):
     from merge_lab.engine import prepare
 
     _, (a, b, _) = sd1_family
-    with prepare(Recipe(models=[str(a), str(b)], memory_budget="1MB")) as plan:
-        assert max(len(t.chunks) for t in plan.tasks) > 1
     with prepare(Recipe(models=[str(a), str(b)])) as plan:
         assert max(len(t.chunks) for t in plan.tasks) == 1
+    with prepare(Recipe(models=[str(a), str(b)], memory_budget="1MB", threads=64)) as plan:
+        # 128 units in flight share 1 MB: 8 KB each, so every tensor above ~1400 elements is split
+        assert max(len(t.chunks) for t in plan.tasks) > 1
+    with prepare(Recipe(models=[str(a), str(b)], method="slerp", memory_budget="1MB", threads=64)) as plan:
+        assert any(t.needs_stats for t in plan.tasks)
+    force_small_units(monkeypatch)
+    with prepare(Recipe(models=[str(a), str(b)], method="slerp")) as plan:
+        assert not any(t.needs_stats for t in plan.tasks)  # whole keys fit the budget: one read each
 
 
 def test_slerp_matches_an_independent_float64_computation(sd1_fp32_family, tmp_path):
