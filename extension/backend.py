@@ -7,6 +7,7 @@ model list, the merged weights loaded into the running model, previews from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -47,12 +48,52 @@ class PreviewUnavailable(MergeLabError):
     """Previews cannot be rendered here (e.g. the preview extra is not installed)."""
 
 
+class Busy(RecipeError):
+    """Another merge is running in this process."""
+
+
+class JobGuard:
+    """One merge at a time per process (each holds models' worth of memory), whichever entry point asks:
+    the tab's buttons, the HTTP route. Each job gets a cancel event the Cancel button sets."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.running: str | None = None
+        self.cancel_event = threading.Event()
+
+    @contextlib.contextmanager
+    def job(self, name: str):
+        if not self._lock.acquire(blocking=False):
+            raise Busy(f"{self.running} is running; wait for it or cancel it")
+        self.running = name
+        self.cancel_event.clear()
+        try:
+            yield self.cancel_event
+        finally:
+            self.running = None
+            self._lock.release()
+
+    def cancel(self) -> str | None:
+        """Ask the running job to stop; returns its name (None when nothing runs)."""
+        running = self.running
+        if running is not None:
+            self.cancel_event.set()
+        return running
+
+
 class Backend:
     """Defaults shared by every backend; subclasses say where models live and how previews are made."""
 
     kind = "base"
     title = "Merge Lab"
     supports_xyz = False  # the X/Y/Z plot axes exist only inside a web UI
+
+    @property
+    def jobs(self) -> JobGuard:
+        guard = self.__dict__.get("_jobs")
+        if guard is None:
+            guard = self.__dict__["_jobs"] = JobGuard()
+        return guard
 
     def model_names(self, refresh: bool = False) -> list[str]:
         raise NotImplementedError
@@ -79,6 +120,9 @@ class Backend:
     def preview(self, recipe: Recipe, settings: PreviewSettings, *, progress: ProgressFn | None = None,
                 cancel: threading.Event | None = None) -> PreviewResult:
         raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Stop a running preview render (the merge itself stops through its cancel event)."""
 
     def remember_xyz_recipe(self, recipe: Recipe) -> None:
         raise RecipeError("the X/Y/Z plot axes exist only inside the web UI")

@@ -10,7 +10,6 @@ import contextlib
 import html
 import json
 import os
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -54,10 +53,6 @@ SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
 PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
 
 
-class Busy(RecipeError):
-    """Another merge is running in this process."""
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -67,9 +62,6 @@ class TabController:
         self.backend = backend
         self.widgets = param_widgets()
         self.param_fields = [w.field for w in self.widgets]
-        self._job_lock = threading.Lock()
-        self._job_name: str | None = None
-        self._cancel = threading.Event()
 
     # ---- helpers -------------------------------------------------------------------------------------
     @property
@@ -92,18 +84,8 @@ class TabController:
         except MergeLabError:
             return recipe_json(recipe)
 
-    @contextlib.contextmanager
     def job(self, name: str):
-        """One merge at a time per process (each holds models' worth of memory); yields its cancel event."""
-        if not self._job_lock.acquire(blocking=False):
-            raise Busy(f"{self._job_name} is running; wait for it or cancel it")
-        self._job_name = name
-        self._cancel.clear()
-        try:
-            yield self._cancel
-        finally:
-            self._job_name = None
-            self._job_lock.release()
+        return self.backend.jobs.job(name)
 
     @staticmethod
     def _progress_adapter(progress: GuiProgress | None, label: str):
@@ -247,10 +229,11 @@ class TabController:
         return {"status": status, "recipe_json": self._recipe_text(recipe)}
 
     def cancel(self) -> dict[str, Any]:
-        if self._job_name is None:
+        running = self.backend.jobs.cancel()
+        if running is None:
             return {"status": "nothing to cancel"}
-        self._cancel.set()
-        return {"status": f"cancelling {self._job_name}…"}
+        self.backend.interrupt()
+        return {"status": f"cancelling {running}…"}
 
     def merge_and_preview(self, form: Mapping[str, Any], progress: GuiProgress | None = None) -> dict[str, Any]:
         reason = self.backend.preview_available()
