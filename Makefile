@@ -11,12 +11,18 @@ TORCH  := torch==2.13.0
 GRADIO3_PINS := gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 "huggingface_hub<1.0"
 GRADIO4_PINS := gradio==4.40.0 fastapi==0.112.2 pydantic==2.10.6 "huggingface_hub<1.0"
 
-.PHONY: setup setup-gradio3 setup-gradio4 demo test test-gradio-hosts lint clean
+.PHONY: setup setup-gradio3 setup-gradio4 setup-browser demo test lint clean
 
 setup: $(STAMP)
 
 setup-gradio3: .venv-gradio3/.merge-lab-installed
 setup-gradio4: .venv-gradio4/.merge-lab-installed
+
+# The browser test drives Debian's chromium with pip's playwright (no `playwright install` download).
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 .venv-gradio3/.merge-lab-installed: pyproject.toml
 	$(PYTHON) -m venv .venv-gradio3
@@ -45,8 +51,8 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup setup-gradio3 setup-gradio4 setup-browser lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-output tests/_cache .pytest_cache
+	rm -rf $(VENV) .venv-gradio3 .venv-gradio4 demo-output tests/_cache .pytest_cache

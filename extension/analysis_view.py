@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 import importlib
+import os
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,19 +27,48 @@ class AnalysisReport:
     data: dict[str, Any]  # the JSON form (also the HTTP route's answer)
 
 
-def _analysis_module():
+def _module(name: str):
     try:
-        return importlib.import_module("merge_lab.analysis")
+        return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name != "merge_lab.analysis":
+        if e.name != name:
             raise
-        raise RecipeError("θ analysis is not part of this build (merge_lab.analysis is missing)") from None
+        raise RecipeError(f"θ analysis is not part of this build ({name} is missing)") from None
 
 
 def analyze(recipe: Recipe, *, progress: Callable[[int, int, str], None] | None = None,
             cancel: threading.Event | None = None) -> AnalysisReport:
-    module = _analysis_module()
-    raise RecipeError(f"θ analysis: unsupported merge_lab.analysis interface ({module.__name__})")
+    """θ per block between every pair of the recipe's models (task vectors when it has a base)."""
+    analysis = _module("merge_lab.analysis")
+    report = analysis.analyze(recipe.expanded_models(), recipe.base, threads=recipe.threads, device=recipe.device,
+                              memory_budget=recipe.memory_budget, precision=recipe.precision,
+                              nonfinite=recipe.nonfinite, progress=progress, cancel=cancel)
+    blocks = [b.block for b in report.blocks]
+    columns = [*(f"θ {label}" for label in report.pair_labels), "mean"]
+    rows = [[*b.angles, b.mean_angle] for b in report.blocks]
+    legend = "".join(f"<li>{i + 1} = {html.escape(name)}</li>" for i, name in enumerate(report.models))
+    vectors = f"task vectors (model − {html.escape(report.base)})" if report.base else "raw weights (no base)"
+    table = (f"<p>θ per block in degrees between {vectors}:</p><ul>{legend}</ul>"
+             + table_html(blocks, columns, rows))
+    return AnalysisReport(table, _heatmap_image(report), _summary(report), report.as_dict())
+
+
+def _heatmap_image(report):
+    heatmap = _module("merge_lab.heatmap")
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="merge-lab-heatmap-") as folder:
+        path = os.path.join(folder, "heatmap.png")
+        heatmap.render_heatmap(report, path)
+        with Image.open(path) as image:
+            return image.copy()
+
+
+def _summary(report) -> str:
+    whole = next((b for b in report.blocks if b.block == "ALL"), None)
+    mean = "" if whole is None or whole.mean_angle is None else f"; whole model {whole.mean_angle:.2f}°"
+    return (f"θ per block for {len(report.models)} models ({len(report.pair_labels)} pair(s)) in "
+            f"{report.seconds:.1f} s{mean}")
 
 
 def table_html(blocks: list[str], columns: list[str], rows: list[list[float | None]]) -> str:

@@ -38,15 +38,14 @@ def update(**changes) -> Any:
     return gr.update(**changes)
 
 
+def is_update(result: Any) -> bool:
+    """gr.update() gives {"__type__": "update", …} ("generic_update" in gradio 3)."""
+    return isinstance(result, Mapping) and result.get("__type__") in ("update", "generic_update")
+
+
 def update_value(result: Any) -> Any:
     """The value an event handler's result sets (a plain value, or the `value` of an update dict)."""
-    if isinstance(result, Mapping) and result.get("__type__") == "update":
-        return result.get("value")
-    return result
-
-
-def is_update(result: Any) -> bool:
-    return isinstance(result, Mapping) and result.get("__type__") == "update"
+    return result.get("value") if is_update(result) else result
 
 
 def on(component_obj, event: str, fn: Callable, inputs, outputs, **kwargs):
@@ -66,9 +65,9 @@ def has_event(component_obj, event: str) -> bool:
 
 
 def user_edit_event(component_obj) -> str:
-    """The event fired by a user's edit only (not by a programmatic update): `input` where gradio has it;
-    sliders prefer `release` (fires once when the handle is let go)."""
-    for name in ("release", "input", "change"):
+    """The event fired by a user's edit only (not by a programmatic update, which would loop between fields
+    kept in sync): `input` (typing into a slider's number box fires it, `release` does not in gradio 6)."""
+    for name in ("input", "change"):
         if has_event(component_obj, name):
             return name
     raise RuntimeError(f"{type(component_obj).__name__} has no change event")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +101,11 @@ def values_text(values: list[float]) -> str:
 
 
 def _short(v: float) -> str:
-    text = f"{v:.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
+    """The shortest text that reads back as the same float (1 not 1.0, 0.0833333333 stays exact)."""
+    v = float(v)
+    if v == 0:
+        return "0"
+    return str(int(v)) if v.is_integer() else repr(v)
 
 
 def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[str, float]:
@@ -237,6 +241,8 @@ def recipe_json(recipe: Recipe, names: Callable[[list[str]], list[str]] | None =
             data["base"] = names([recipe.base])[0]
     for local in ("device", "threads", "memory_budget"):
         data.pop(local, None)
+    if recipe.out:
+        data["out"] = os.path.basename(recipe.out)  # the route saves a plain name into the model folder
     return json.dumps(data, indent=2)
 
 

@@ -58,7 +58,7 @@ class Tab:
         fn = _gradio_fn(handler, inputs, outputs, progress=progress, star_inputs=star_inputs)
         compat.on(trigger, event, fn, [self.components[n] for n in inputs], [self.components[n] for n in outputs],
                   queue=queue, show_progress="full" if progress else "minimal", api_name=None, show_api=False,
-                  api_visibility="undocumented")
+                  api_visibility="undocumented", trigger_mode="always_last" if event == "input" else None)
         self.events[name] = Event(fn, inputs, outputs)
 
     # ---- for tests: run an event's function with the components' values -------------------------------
@@ -214,6 +214,8 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
         with gr.Row():
             add("merge", component(gr.Button, value="Merge", variant="primary", elem_id=ELEM_PREFIX + "merge"))
             add("cancel", component(gr.Button, value="Cancel", variant="stop", elem_id=ELEM_PREFIX + "cancel"))
+        add("status", component(gr.Textbox, value="", label="Status", interactive=False, lines=2,
+                                elem_id=ELEM_PREFIX + "status"))
 
         # ---- preview --------------------------------------------------------------------------------------
         with component(gr.Accordion, label="Merge & preview", open=True, elem_id=ELEM_PREFIX + "preview_box"), \
@@ -257,8 +259,6 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
             if backend.supports_xyz:
                 add("use_for_xyz", component(gr.Button, value="Use this recipe in the X/Y/Z plot",
                                              elem_id=ELEM_PREFIX + "use_for_xyz", scale=1))
-        add("status", component(gr.Textbox, value="", label="Status", interactive=False, lines=2,
-                                elem_id=ELEM_PREFIX + "status"))
         add("recipe_json", component(gr.Textbox, value="", label="Recipe (the JSON body of POST /merge-lab/v1/merge)",
                                      interactive=False, lines=6, elem_id=ELEM_PREFIX + "recipe_json"))
 

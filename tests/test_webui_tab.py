@@ -1,0 +1,189 @@
+"""The tab builder and its event handlers, without a browser. Runs on every gradio the hosts use: the main venv
+(newest gradio), .venv-gradio3 (3.41.2, AUTOMATIC1111) and .venv-gradio4 (4.40.0, Forge) — see
+test_gradio_versions.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gradio as gr
+import pytest
+from merge_lab_extension.backend import FolderBackend
+from merge_lab_extension.compat import update_value
+from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS
+from merge_lab_extension.ui import build_tab
+from safetensors import safe_open
+
+from merge_lab.engine import merge_to_state_dict
+from merge_lab.presets import preset_values
+from merge_lab.recipe import Recipe
+
+
+@pytest.fixture
+def models_dir(tmp_path, sd1_family, sdxl_family):
+    folder = tmp_path / "models"
+    (folder / "xl").mkdir(parents=True)
+    base, fts = sd1_family
+    for f in (base, *fts[:2]):
+        shutil.copy(f, folder / f.name)
+    shutil.copy(sdxl_family[1][0], folder / "xl" / sdxl_family[1][0].name)
+    return folder
+
+
+@pytest.fixture
+def tab(models_dir):
+    return build_tab(FolderBackend([models_dir]))
+
+
+def form(tab, **changes):
+    values = tab.values()
+    values.update(changes)
+    return values
+
+
+def test_builds_a_blocks_with_the_folder_models(tab):
+    assert isinstance(tab.blocks, gr.Blocks)
+    assert tab.components["models"].choices in (
+        ["sd1-base.safetensors", "sd1-ft1.safetensors", "sd1-ft2.safetensors", "xl/sdxl-ft1.safetensors"],
+        [(n, n) for n in ["sd1-base.safetensors", "sd1-ft1.safetensors", "sd1-ft2.safetensors",
+                          "xl/sdxl-ft1.safetensors"]])  # gradio 4+ stores (label, value) pairs
+    for name in ("merge", "cancel", "analyze", "preview", "load_recipe", "refresh"):
+        assert name in tab.events
+    assert len([f for f in tab.components if f.startswith("block_")]) == 26
+
+
+def test_merge_through_the_event_handler(tab, models_dir):
+    values = form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], alpha=0.3, out_name="ab",
+                  dtype="fp32")
+    progress = []
+    out = tab.run("merge", values, progress=lambda f, desc=None: progress.append(f))
+    assert out["status"].startswith("saved ab.safetensors"), out["status"]
+    assert progress and progress[-1] == pytest.approx(1.0)
+    expected = merge_to_state_dict(Recipe(models=[str(models_dir / "sd1-ft1.safetensors"),
+                                                  str(models_dir / "sd1-ft2.safetensors")], alpha=0.3, dtype="fp32"))
+    with safe_open(models_dir / "ab.safetensors", "pt") as f:
+        for key in ("model.diffusion_model.input_blocks.4.1.proj_in.weight", "first_stage_model.decoder.conv_in.bias"):
+            assert f.get_tensor(key).equal(expected.state_dict[key])
+        recipe = json.loads(f.metadata()["sd_merge_recipe"])
+    assert recipe["alpha"] == 0.3 and recipe["models"] == ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
+    assert json.loads(out["recipe_json"])["models"] == ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
+
+    again = tab.run("merge", values)
+    assert "exists" in again["status"] and "Overwrite" in again["status"]
+
+
+def test_block_ratios_presets_text_and_sliders_stay_in_sync(tab, models_dir):
+    values = form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"])
+    arch = tab.run("models", values)
+    assert arch["arch"] == "sd1" and "Stable Diffusion 1.x" in arch["arch_info"]
+
+    out = tab.run("preset", form(tab, preset="GRAD_V", arch="sd1"))
+    grad_v = preset_values("GRAD_V", "sd1")
+    assert [update_value(out[f]) for f in BLOCK_FIELDS] == pytest.approx(grad_v)
+    assert update_value(out["use_blocks"]) is True
+    assert out["mbw_text"].split(",")[:3] == ["0", "1", "0.9166666667"]
+
+    text = ",".join(["0.25"] * 26)
+    out = tab.run("mbw_text_submit", form(tab, mbw_text=text, arch="sd1", alpha=0.5))
+    assert [update_value(out[f]) for f in BLOCK_FIELDS] == [0.25] * 26
+
+    sliders = {f: 0.5 for f in BLOCK_FIELDS}
+    sliders["block_IN04"] = 1.0
+    out = tab.run("slider_IN04", form(tab, arch="sd1", **sliders))
+    assert out["mbw_text"].split(",")[5] == "1"
+
+    bad = tab.run("mbw_text_submit", form(tab, mbw_text="1,2,x", arch="sd1", alpha=0.5))
+    assert "not a number" in bad["status"]
+
+    # the merge uses the sliders: IN04 at 1 takes B's weights there, the rest is the 0.5 mix
+    merged = tab.run("merge", form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], use_blocks=True,
+                                   arch="sd1", out_name="blocks", **sliders))
+    assert merged["status"].startswith("saved"), merged["status"]
+    key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    with safe_open(models_dir / "blocks.safetensors", "pt") as f, \
+            safe_open(models_dir / "sd1-ft2.safetensors", "pt") as b:
+        assert f.get_tensor(key).equal(b.get_tensor(key))
+        other = "model.diffusion_model.input_blocks.5.1.proj_in.weight"
+        assert not f.get_tensor(other).equal(b.get_tensor(other))
+
+
+def test_sdxl_models_show_twenty_blocks(tab):
+    out = tab.run("models", form(tab, models=["xl/sdxl-ft1.safetensors"]))
+    assert out["arch"] == "sdxl"
+    visible = [b for b in SLIDER_BLOCKS if out[f"block_{b}"]["visible"]]
+    assert len(visible) == 20 and "IN09" not in visible and "OUT11" not in visible
+    assert len(out["mbw_text"].split(",")) == 20
+
+
+def test_method_change_shows_only_its_parameters(tab):
+    controller = tab.controller
+    for method in controller.method_names():
+        out = tab.run("method", form(tab, method=method))
+        declared = {p.name for p in controller.widgets if method in p.defaults}
+        shown = {w.name for w in controller.widgets if out[w.field]["visible"]}
+        assert shown == declared, method
+        assert method in out["method_info"]
+    add_diff = tab.run("method", form(tab, method="add_difference"))
+    assert add_diff["base"]["visible"] is True
+    assert tab.run("method", form(tab, method="weighted_sum"))["base"]["visible"] is False
+
+
+def test_load_recipe_from_a_merged_files_metadata(tab, models_dir):
+    values = form(tab, models=["sd1-ft2.safetensors", "sd1-ft1.safetensors"], alpha=0.7, use_blocks=True,
+                  arch="sd1", extra_blocks="VAE=0", out_name="with-recipe",
+                  **dict(zip(BLOCK_FIELDS, preset_values("GRAD_A", "sd1"))))
+    assert tab.run("merge", values)["status"].startswith("saved")
+    out = tab.run("load_recipe", form(tab, recipe_source="with-recipe.safetensors"))
+    assert out["status"] == "recipe loaded from with-recipe.safetensors"
+    assert out["models"] == ["sd1-ft2.safetensors", "sd1-ft1.safetensors"]
+    assert out["alpha"] == 0.7 and out["use_blocks"] is True and out["extra_blocks"] == "VAE=0"
+    assert [update_value(out[f]) for f in BLOCK_FIELDS] == pytest.approx(preset_values("GRAD_A", "sd1"))
+
+    plain = tab.run("load_recipe", form(tab, recipe_source="sd1-ft1.safetensors"))
+    assert "no sd_merge_recipe" in plain["status"]
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(tab, models_dir):
+    before = sorted(p.name for p in models_dir.iterdir())
+    cases = [
+        (dict(models=[]), "choose the models"),
+        (dict(models=["sd1-ft1.safetensors", "../x.safetensors"]), "'..'"),
+        (dict(models=["sd1-ft1.safetensors", "/etc/hosts"]), "outside the model folders"),
+        (dict(models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], out_name="sub/x"), "plain file name"),
+        (dict(models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], out_name=""), "no output name"),
+        (dict(models=["sd1-ft1.safetensors", "xl/sdxl-ft1.safetensors"], out_name="mixed"), "architectures"),
+        (dict(models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], out_name="x", extra_blocks="NOPE=1"),
+         "unknown block"),
+        (dict(models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], out_name="x", weights="1,a"), "weights"),
+    ]
+    for changes, message in cases:
+        status = tab.run("merge", form(tab, **changes))["status"]
+        assert message in status and "\n" not in status, (changes, status)
+    assert sorted(p.name for p in models_dir.iterdir()) == before
+
+
+def test_cancel_stops_a_running_merge(tab, models_dir):
+    controller = tab.controller
+    seen = []
+
+    def progress(fraction, desc=None):
+        seen.append(fraction)
+        if len(seen) == 1:
+            assert tab.run("cancel", {})["status"].startswith("cancelling")
+
+    out = tab.run("merge", form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], out_name="cancelled",
+                                memory_budget="1MB"), progress=progress)
+    assert out["status"] == "merge cancelled; nothing was written"
+    assert not (models_dir / "cancelled.safetensors").exists()
+    assert not any(p.name.startswith(".") or p.suffix == ".partial" for p in models_dir.iterdir())
+    assert tab.run("cancel", {})["status"] == "nothing to cancel"
+    assert controller.backend.jobs.running is None
+
+
+def test_refresh_picks_up_new_files(tab, models_dir):
+    shutil.copy(models_dir / "sd1-ft1.safetensors", models_dir / "new.safetensors")
+    out = tab.run("refresh", form(tab, models=["sd1-ft1.safetensors", "gone.safetensors"]))
+    assert "new.safetensors" in out["models"]["choices"] or ("new.safetensors", "new.safetensors") in \
+        out["models"]["choices"]
+    assert out["models"]["value"] == ["sd1-ft1.safetensors"]
