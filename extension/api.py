@@ -33,7 +33,9 @@ class ApiError(Exception):
         self.message = message
 
 
-def recipe_from_body(body: Any, backend: Backend, *, allow_out: bool = True) -> Recipe:
+def recipe_from_body(body: Any, backend: Backend, *, for_merge: bool = True) -> Recipe:
+    """The recipe of a request body, models resolved inside the model folders (400 on anything else).
+    An analysis reads only the models and the base: the method's rules do not apply to it."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object: a recipe")
     try:
@@ -44,10 +46,11 @@ def recipe_from_body(body: Any, backend: Backend, *, allow_out: bool = True) -> 
         if recipe.base:
             recipe.base = backend.resolve_model(recipe.base)
         if recipe.out:
-            if not allow_out:
-                raise ApiError(400, "request body: 'out' makes no sense for an analysis")
+            if not for_merge:
+                raise ApiError(400, "request body: an analysis writes no file ('out')")
             recipe.out = backend.output_path(recipe.out)
-        recipe.validate()
+        if for_merge:
+            recipe.validate()
     except MergeLabError as e:
         raise ApiError(400, str(e)) from None
     return recipe
@@ -93,7 +96,7 @@ def merge_request(body: Any, backend: Backend) -> dict[str, Any]:
 
 
 def analyze_request(body: Any, backend: Backend) -> dict[str, Any]:
-    recipe = recipe_from_body(body, backend, allow_out=False)
+    recipe = recipe_from_body(body, backend, for_merge=False)
     try:
         with backend.jobs.job("an analysis (HTTP)") as cancel:
             report = analysis_view.analyze(recipe, cancel=cancel)

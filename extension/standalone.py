@@ -67,7 +67,10 @@ class StandaloneBackend(FolderBackend):
 
 
 def launch_kwargs(launch, **wanted):
+    """The keywords this gradio's launch() takes (css moved there in gradio 6, show_api went away)."""
     params = inspect.signature(launch).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return wanted
     return {k: v for k, v in wanted.items() if k in params}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -25,10 +26,9 @@ from .controller import PREVIEW_FIELDS, RECIPE_FIELDS, SAVE_FIELDS, TabControlle
 from .form import AUTO, CHOICES, DEFAULT_ARCH, NO_BASE, SLIDER_BLOCKS, block_field, visible_blocks
 
 ELEM_PREFIX = "merge_lab_"
-CSS = """
-.merge-lab-theta { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-.merge-lab-theta th, .merge-lab-theta td { padding: 2px 8px; border: 1px solid #8884; text-align: right; }
-"""
+# The web UI loads the extension's style.css; `merge-lab ui` passes the same rules to gradio.
+STYLE_FILE = Path(__file__).resolve().parent.parent / "style.css"  # absent in a wheel: gradio's defaults then
+CSS = STYLE_FILE.read_text(encoding="utf-8") if STYLE_FILE.is_file() else ""
 
 
 @dataclass

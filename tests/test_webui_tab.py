@@ -9,15 +9,15 @@ import shutil
 
 import gradio as gr
 import pytest
-from merge_lab_extension.backend import FolderBackend
-from merge_lab_extension.compat import update_value
-from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS
-from merge_lab_extension.ui import build_tab
 from safetensors import safe_open
 
 from merge_lab.engine import merge_to_state_dict
 from merge_lab.presets import preset_values
 from merge_lab.recipe import Recipe
+from merge_lab_extension.backend import FolderBackend
+from merge_lab_extension.compat import update_value
+from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS
+from merge_lab_extension.ui import build_tab
 
 
 @pytest.fixture
