@@ -8,8 +8,8 @@ fails rather than up- or downgrading them (SuperMerger's pinned diffusers broke 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,8 +28,16 @@ PROTECTED = ("torch", "torchvision", "xformers", "gradio", "gradio_client", "dif
              "numpy", "pillow", "safetensors", "huggingface_hub", "fastapi", "pydantic", "accelerate")
 
 
+def importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def missing_requirements() -> list[str]:
-    return [req for module, req in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    return [req for module, req in REQUIREMENTS.items() if not importable(module)]
 
 
 def protected_versions() -> dict[str, str]:

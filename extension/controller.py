@@ -7,7 +7,6 @@ gradio version, and so that the host adapter and the standalone app share them u
 from __future__ import annotations
 
 import contextlib
-import html
 import json
 import os
 import time
@@ -20,15 +19,12 @@ from merge_lab.arch import ARCH_NAMES, detect
 from merge_lab.checkpoint import read_header_any
 from merge_lab.engine import merge_to_file
 from merge_lab.errors import MergeCancelled, MergeLabError, RecipeError
-from merge_lab.presets import presets
 from merge_lab.recipe import Recipe
 
 from . import analysis_view
 from .backend import Backend, PreviewSettings
 from .compat import update
 from .form import (
-    ARCHES,
-    AUTO,
     BLOCK_FIELDS,
     DEFAULT_ARCH,
     NO_BASE,
@@ -342,18 +338,3 @@ class TabController:
             return {"status": f"error: {_one_line(e)}"}
         return {"status": "the X/Y/Z plot's [Merge Lab] axes now vary this recipe", "recipe_json":
                 self._recipe_text(recipe)}
-
-
-def preset_names() -> list[str]:
-    return list(presets())
-
-
-def arch_choices() -> tuple[str, ...]:
-    return ARCHES
-
-
-def escape(text: str) -> str:
-    return html.escape(text)
-
-
-__all__ = ["AUTO", "PREVIEW_FIELDS", "RECIPE_FIELDS", "SAVE_FIELDS", "TabController"]

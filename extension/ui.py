@@ -15,7 +15,6 @@ from typing import Any
 
 import gradio as gr
 
-from merge_lab.blocks import main_blocks
 from merge_lab.presets import presets
 from merge_lab.recipe import RATIO_RANGE
 
@@ -335,6 +334,3 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
         tab.wire("use_for_xyz", c["use_for_xyz"], "click", controller.use_for_xyz, recipe_inputs,
                  ["status", "recipe_json"])
 
-
-def arch_blocks(arch: str) -> list[str]:
-    return main_blocks(arch)

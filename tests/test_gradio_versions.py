@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENVS = {
     # venv: (gradio version it must hold, which host tests run there)
     ".venv-gradio3": ("3.41.2", "not forge"),
-    ".venv-gradio4": ("4.40.0", "forge or extension_folder"),
+    ".venv-gradio4": ("4.40.0", "forge"),
 }
 
 
