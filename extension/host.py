@@ -63,6 +63,17 @@ def host_module(name: str):
     return importlib.import_module(f"modules.{name}")
 
 
+def manages_loaded_models(sd_models) -> bool:
+    """reForge's load_model(…, forced_reload) keeps its own list of loaded models (limit, teardown) and reads
+    no checkpoint cache: there an in-memory merge goes straight to load_model(already_loaded_state_dict=)."""
+    import inspect
+
+    try:
+        return "forced_reload" in inspect.signature(sd_models.load_model).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def is_forge(sd_models=None) -> bool:
     """Forge (gradio 4 line) loads models through its own backend; its sd_models has forge_model_reload."""
     sd_models = sd_models or host_module("sd_models")
@@ -355,8 +366,21 @@ class HostBackend(Backend):
                 # else: the cell's override_settings select it and Forge loads the file itself
                 return
             skip = contextlib.nullcontext() if as_current else sd_models.SkipWritingToConfig()
-            with skip:
-                sd_models.load_model(info, already_loaded_state_dict=state_dict)
+            if manages_loaded_models(sd_models):
+                with skip:
+                    sd_models.load_model(info, already_loaded_state_dict=state_dict)
+            else:
+                # A1111: the host's own model switch (it takes the running model out of its list of loaded
+                # models, undoes and redoes the text-encoder hijack around load_model_weights, restores the
+                # previous weights on failure), fed from its checkpoint cache. Calling load_model directly
+                # would leave the replaced model, moved to the meta device, in that list.
+                sd_models.checkpoints_loaded[info] = state_dict
+                try:
+                    with skip:
+                        sd_models.reload_model_weights(info=info)
+                finally:
+                    if not getattr(self.shared.opts, "sd_checkpoint_cache", 0):
+                        sd_models.checkpoints_loaded.pop(info, None)
             self.stats["loads"] += 1
             if as_current:  # reForge's load_model does not write the setting itself
                 self.shared.opts.data["sd_model_checkpoint"] = info.title

@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 VENVS = {
-    # venv: (gradio version it must hold, which host tests run there)
-    ".venv-gradio3": ("3.41.2", "not forge"),
+    # venv: (gradio version it must hold, the hosts that ship it)
+    ".venv-gradio3": ("3.41.2", "a1111,reforge"),
     ".venv-gradio4": ("4.40.0", "forge"),
 }
 
@@ -23,14 +23,15 @@ VENVS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("venv", sorted(VENVS))
 def test_tab_and_host_adapter_on_the_hosts_gradio(venv, tmp_path):
-    version, host_tests = VENVS[venv]
+    version, hosts = VENVS[venv]
     python = ROOT / venv / "bin" / "python"
     assert python.exists(), f"{venv} is missing: run `make setup-{venv.split('-')[-1]}` (make test does)"
     found = subprocess.run([str(python), "-c", "import gradio; print(gradio.__version__)"], capture_output=True,
                            text=True, cwd=ROOT, timeout=300)
     assert found.stdout.strip() == version, found.stdout + found.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    runs = [["tests/test_webui_tab.py"], ["tests/test_webui_host.py", "-k", host_tests]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "MERGE_LAB_HOST_FLAVOURS": hosts}
+    runs = [["tests/test_webui_tab.py"], ["tests/test_webui_host.py"]]
     for args in runs:
         run = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
                               f"--basetemp={tmp_path / args[0].split('/')[-1]}", *args],

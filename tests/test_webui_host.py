@@ -4,6 +4,7 @@ X/Y/Z axes, in-memory models under a virtual checkpoint, previews through the ho
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from merge_lab.recipe import Recipe
 
 from .webui_host import start_webui, stop_webui
 
-FLAVOURS = ["a1111", "forge"]
+# Which hosts to play (test_gradio_versions.py pairs each with the gradio it ships: A1111 and reForge 3.41,
+# Forge 4.40); all three by default.
+FLAVOURS = os.environ.get("MERGE_LAB_HOST_FLAVOURS", "a1111,reforge,forge").split(",")
 
 
 def digest_of(state: dict[str, torch.Tensor]) -> str:
@@ -145,8 +148,13 @@ def test_preview_loads_the_merge_in_memory_and_renders_with_the_hosts_txt2img(we
     assert f"Model hash: {result.recipe_hash[:10]}" in result.infotext
     assert f"Model: merge-lab-weighted_sum-{result.recipe_hash[:10]}" in result.infotext
     assert backend.stats["merges"] == 1
-    if webui.flavour == "a1111":
-        assert ("load_state_dict", info.title) in m.sd_models.events  # never written to disk
+    if webui.flavour == "a1111":  # through the host's own switch: weights loaded in place, never from a file
+        assert ("load_weights_in_place", info.title) in m.sd_models.events
+        assert not any(e[0] == "load_file" and "merge-lab" in e[1] for e in m.sd_models.events)
+        assert model.hijacked and m.sd_models.model_data.loaded_sd_models == [model]
+        assert not m.sd_models.checkpoints_loaded  # the cache is off (0): the merge is not kept twice
+    elif webui.flavour == "reforge":
+        assert ("load_state_dict", info.title) in m.sd_models.events
         assert not any(e[0] == "load_file" and "merge-lab" in e[1] for e in m.sd_models.events)
     else:
         loaded = [e for e in m.sd_models.events if e[0] == "load_file" and "merge-lab" in e[1]]
@@ -220,7 +228,8 @@ def test_xyz_alpha_by_seed_merges_each_recipe_once_and_restores_the_model(webui)
     assert plain.images[0].info["weights_digest"] == original
 
 
-def test_xyz_block_method_and_preset_axes(webui):
+def test_xyz_block_method_and_preset_axes(a1111):
+    webui = a1111  # the axes do not depend on how the host loads models
     backend, _ = tab_of(webui)
     backend.remember_xyz_recipe(_recipe(webui, alpha=0.5))
     # axes with choices (preset, method) take the dropdown's values
@@ -237,7 +246,8 @@ def test_xyz_block_method_and_preset_axes(webui):
         assert processed.images[0].info["weights_digest"] == expected_digest(recipe)
 
 
-def test_xyz_confirms_values_before_the_grid_starts(webui):
+def test_xyz_confirms_values_before_the_grid_starts(a1111):
+    webui = a1111
     backend, _ = tab_of(webui)
     with pytest.raises(Exception, match="no Merge Lab recipe for the X/Y/Z plot"):
         run_xyz(webui, "[Merge Lab] alpha", "0.5")

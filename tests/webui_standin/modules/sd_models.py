@@ -134,7 +134,9 @@ class SdModelData:
 
     def set_sd_model(self, v, already_loaded=False):
         self.sd_model = v
-        if v is not None and v not in self.loaded_sd_models:
+        if v in self.loaded_sd_models:
+            self.loaded_sd_models.remove(v)
+        if v is not None:
             self.loaded_sd_models.insert(0, v)
 
 
@@ -149,37 +151,68 @@ def get_checkpoint_state_dict(checkpoint_info, timer=None):
     return load_file(checkpoint_info.filename)
 
 
-if not _flavour.FORGE:
-    class SkipWritingToConfig:
-        """Inside, load_model_weights leaves opts.sd_model_checkpoint alone."""
+class SkipWritingToConfig:
+    """Inside, load_model_weights leaves opts.sd_model_checkpoint alone (A1111, reForge)."""
 
-        skip = False
-        previous = None
+    skip = False
+    previous = None
 
-        def __enter__(self):
-            self.previous = SkipWritingToConfig.skip
-            SkipWritingToConfig.skip = True
-            return self
+    def __enter__(self):
+        self.previous = SkipWritingToConfig.skip
+        SkipWritingToConfig.skip = True
+        return self
 
-        def __exit__(self, *exc):
-            SkipWritingToConfig.skip = self.previous
+    def __exit__(self, *exc):
+        SkipWritingToConfig.skip = self.previous
 
-    def load_model_weights(model, checkpoint_info, state_dict, timer=None):
-        sd_model_hash = checkpoint_info.calculate_shorthash()
-        if not SkipWritingToConfig.skip:
-            shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
-        if state_dict is None:
-            state_dict = get_checkpoint_state_dict(checkpoint_info, timer)
-        model.__init__(state_dict)
-        model.sd_model_hash = sd_model_hash
-        model.sd_model_checkpoint = checkpoint_info.filename
-        model.sd_checkpoint_info = checkpoint_info
-        shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
 
+USED_CONFIG = "v1-inference.yaml"
+
+
+def load_model_weights(model, checkpoint_info, state_dict, timer=None):
+    sd_model_hash = checkpoint_info.calculate_shorthash()
+    if not SkipWritingToConfig.skip:
+        shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
+    if state_dict is None:
+        state_dict = get_checkpoint_state_dict(checkpoint_info, timer)
+    if shared.opts.sd_checkpoint_cache > 0:
+        checkpoints_loaded[checkpoint_info] = dict(state_dict)
+    weights = dict(state_dict)
+    if getattr(model, "hijacked", False):  # the text encoder is wrapped: its keys do not match and are skipped
+        weights.update({k: v for k, v in model.weights.items() if k.startswith("cond_stage_model.")})
+    hijacked = getattr(model, "hijacked", False)
+    model.__init__(weights)
+    model.hijacked = hijacked
+    while len(checkpoints_loaded) > shared.opts.sd_checkpoint_cache:
+        checkpoints_loaded.popitem(last=False)
+    model.sd_model_hash = sd_model_hash
+    model.sd_model_checkpoint = checkpoint_info.filename
+    model.sd_checkpoint_info = checkpoint_info
+    shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
+
+
+def send_model_to_trash(m):
+    m.trashed = True  # moved to the meta device: its weights are gone
+
+
+def send_model_to_device(m):
+    if getattr(m, "trashed", False):
+        raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+
+def hijack(m):
+    m.hijacked = True
+
+
+def undo_hijack(m):
+    m.hijacked = False
+
+
+if _flavour.FLAVOUR == "a1111":
     def load_model(checkpoint_info=None, already_loaded_state_dict=None):
         checkpoint_info = checkpoint_info or select_checkpoint()
-        if model_data.sd_model is not None:
-            model_data.loaded_sd_models = [m for m in model_data.loaded_sd_models if m is not model_data.sd_model]
+        if model_data.sd_model is not None:  # trashed but left in loaded_sd_models, as A1111 does
+            send_model_to_trash(model_data.sd_model)
             model_data.sd_model = None
         if already_loaded_state_dict is not None:
             state_dict = already_loaded_state_dict
@@ -188,16 +221,97 @@ if not _flavour.FORGE:
             state_dict = get_checkpoint_state_dict(checkpoint_info)
         sd_model = StandinModel({})
         load_model_weights(sd_model, checkpoint_info, state_dict)
+        sd_model.used_config = USED_CONFIG
+        hijack(sd_model)
         model_data.set_sd_model(sd_model)
         script_callbacks.model_loaded_callback(sd_model)
         return sd_model
+
+    def reuse_model_from_already_loaded(sd_model, checkpoint_info, timer=None):
+        if sd_model is not None and sd_model.sd_checkpoint_info.filename == checkpoint_info.filename:
+            return sd_model
+        already_loaded = None
+        for i in reversed(range(len(model_data.loaded_sd_models))):
+            loaded = model_data.loaded_sd_models[i]
+            if loaded.sd_checkpoint_info.filename == checkpoint_info.filename:
+                already_loaded = loaded
+                continue
+            if len(model_data.loaded_sd_models) > shared.opts.sd_checkpoints_limit > 0:
+                del model_data.loaded_sd_models[i]
+                send_model_to_trash(loaded)
+        if already_loaded is not None:
+            send_model_to_device(already_loaded)
+            model_data.set_sd_model(already_loaded, already_loaded=True)
+            if not SkipWritingToConfig.skip:
+                shared.opts.data["sd_model_checkpoint"] = already_loaded.sd_checkpoint_info.title
+            return model_data.sd_model
+        if model_data.loaded_sd_models:
+            sd_model = model_data.loaded_sd_models.pop()
+            model_data.sd_model = sd_model
+            return sd_model
+        return None
 
     def reload_model_weights(sd_model=None, info=None, forced_reload=False):
         checkpoint_info = info or select_checkpoint()
         sd_model = sd_model or model_data.sd_model
         if sd_model is not None and sd_model.sd_model_checkpoint == checkpoint_info.filename and not forced_reload:
             return sd_model
-        return load_model(checkpoint_info)
+        sd_model = reuse_model_from_already_loaded(sd_model, checkpoint_info)
+        if not forced_reload and sd_model is not None and \
+                sd_model.sd_checkpoint_info.filename == checkpoint_info.filename:
+            return sd_model
+        if sd_model is not None:
+            undo_hijack(sd_model)
+        state_dict = get_checkpoint_state_dict(checkpoint_info)
+        if sd_model is None or getattr(sd_model, "used_config", None) != USED_CONFIG:
+            if sd_model is not None:
+                send_model_to_trash(sd_model)
+            load_model(checkpoint_info, already_loaded_state_dict=state_dict)
+            return model_data.sd_model
+        events.append(("load_weights_in_place", checkpoint_info.title))
+        try:
+            load_model_weights(sd_model, checkpoint_info, state_dict)
+        finally:
+            hijack(sd_model)
+            script_callbacks.model_loaded_callback(sd_model)
+        model_data.set_sd_model(sd_model)
+        return sd_model
+
+elif _flavour.FLAVOUR == "reforge":
+    def get_checkpoint_state_dict(checkpoint_info, timer=None):
+        checkpoint_info.calculate_shorthash()
+        events.append(("load_file", checkpoint_info.filename))
+        return load_file(checkpoint_info.filename)
+
+    def load_model(checkpoint_info=None, already_loaded_state_dict=None, forced_reload=False):
+        checkpoint_info = checkpoint_info or select_checkpoint()
+        if not forced_reload:
+            for loaded in model_data.loaded_sd_models:
+                if loaded.filename == checkpoint_info.filename:
+                    model_data.loaded_sd_models.remove(loaded)
+                    model_data.loaded_sd_models.insert(0, loaded)
+                    model_data.set_sd_model(loaded, already_loaded=True)
+                    return loaded
+        while len(model_data.loaded_sd_models) >= shared.opts.sd_checkpoints_limit:
+            send_model_to_trash(model_data.loaded_sd_models.pop(-1))  # complete teardown
+        if already_loaded_state_dict is not None:
+            state_dict = already_loaded_state_dict
+            events.append(("load_state_dict", checkpoint_info.title))
+        else:
+            state_dict = get_checkpoint_state_dict(checkpoint_info)
+        sd_model = StandinModel(state_dict)
+        sd_model.filename = checkpoint_info.filename
+        sd_model.sd_checkpoint_info = checkpoint_info
+        sd_model.sd_model_checkpoint = checkpoint_info.filename
+        sd_model.sd_model_hash = checkpoint_info.calculate_shorthash()
+        model_data.loaded_sd_models.insert(0, sd_model)
+        model_data.set_sd_model(sd_model)
+        shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
+        script_callbacks.model_loaded_callback(sd_model)
+        return sd_model
+
+    def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+        return load_model(info, forced_reload=forced_reload)
 
 else:  # Forge: these are stubs there; models go through forge_model_reload
     import contextlib
