@@ -303,11 +303,23 @@ class HostBackend(Backend):
         self.virtual[plan.fingerprint] = info
         return info
 
-    def _merge_to_temp_file(self, recipe: Recipe, plan: MergePlan, progress, cancel) -> str:
+    def temp_folder(self) -> str:
+        """Forge's merged files: beside the model folder (same disk, room for SDXL; /tmp may be a small tmpfs),
+        outside every folder the web UI lists; emptied at start (a crashed session's files) and at exit."""
         if self._temp_dir is None:
-            self._temp_dir = tempfile.mkdtemp(prefix="merge-lab-")
-            atexit.register(shutil.rmtree, self._temp_dir, True)
-        path = os.path.join(self._temp_dir, virtual_stem(plan.method.name, plan.fingerprint) + ".safetensors")
+            folder = os.environ.get("MERGE_LAB_TEMP") or os.path.join(os.path.dirname(self.sd_models.model_path),
+                                                                       "merge-lab-temp")
+            os.makedirs(folder, exist_ok=True)
+            for stale in os.listdir(folder):
+                if stale.startswith("merge-lab-") and stale.endswith((".safetensors", ".partial")):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, stale))
+            atexit.register(shutil.rmtree, folder, True)
+            self._temp_dir = folder
+        return self._temp_dir
+
+    def _merge_to_temp_file(self, recipe: Recipe, plan: MergePlan, progress, cancel) -> str:
+        path = os.path.join(self.temp_folder(), virtual_stem(plan.method.name, plan.fingerprint) + ".safetensors")
         merge_to_file(recipe.replace(out=path), plan=plan, progress=progress, cancel=cancel)
         self.stats["merges"] += 1
         self._temp_files[plan.fingerprint] = path

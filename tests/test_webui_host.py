@@ -158,7 +158,10 @@ def test_preview_loads_the_merge_in_memory_and_renders_with_the_hosts_txt2img(we
         assert not any(e[0] == "load_file" and "merge-lab" in e[1] for e in m.sd_models.events)
     else:
         loaded = [e for e in m.sd_models.events if e[0] == "load_file" and "merge-lab" in e[1]]
-        assert len(loaded) == 1 and not loaded[0][1].startswith(str(webui.models_dir))
+        assert len(loaded) == 1 and not loaded[0][1].startswith(str(webui.models_dir) + os.sep)
+        assert loaded[0][1].startswith(backend.temp_folder())
+        m.sd_models.list_models()  # the temporary file is not listed as a checkpoint
+        assert not any("merge-lab" in t for t in m.sd_models.checkpoints_list)
     assert m.shared.state.begun >= 1 and m.shared.state.job == ""
 
     # the merge stays the current model: an ordinary generation afterwards does not reload the dropdown's model
