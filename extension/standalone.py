@@ -24,6 +24,8 @@ def _preview_module():
     try:
         module = importlib.import_module("merge_lab.preview")
     except ModuleNotFoundError as e:
+        if (e.name or "").startswith("merge_lab"):
+            return None, "this build of Merge Lab has no preview module (merge_lab.preview)"
         return None, f"previews need the preview extra (pip install 'merge-lab[preview]'): {e.name} is missing"
     if not callable(getattr(module, "render_merge", None)):
         return None, "this build's merge_lab.preview has no render_merge()"
