@@ -36,13 +36,20 @@ def _module(name: str):
         raise RecipeError(f"θ analysis is not part of this build ({name} is missing)") from None
 
 
+def engine_report(recipe: Recipe, *, progress: Callable[[int, int, str], None] | None = None,
+                  cancel: threading.Event | None = None):
+    """merge_lab.analysis's report: θ per block between every pair of the recipe's models (task vectors when
+    it has a base). Its as_dict() is the HTTP route's answer."""
+    analysis = _module("merge_lab.analysis")
+    return analysis.analyze(recipe.expanded_models(), recipe.base, threads=recipe.threads, device=recipe.device,
+                            memory_budget=recipe.memory_budget, precision=recipe.precision,
+                            nonfinite=recipe.nonfinite, progress=progress, cancel=cancel)
+
+
 def analyze(recipe: Recipe, *, progress: Callable[[int, int, str], None] | None = None,
             cancel: threading.Event | None = None) -> AnalysisReport:
-    """θ per block between every pair of the recipe's models (task vectors when it has a base)."""
-    analysis = _module("merge_lab.analysis")
-    report = analysis.analyze(recipe.expanded_models(), recipe.base, threads=recipe.threads, device=recipe.device,
-                              memory_budget=recipe.memory_budget, precision=recipe.precision,
-                              nonfinite=recipe.nonfinite, progress=progress, cancel=cancel)
+    """The engine's report laid out for the tab: an HTML table and the heatmap image."""
+    report = engine_report(recipe, progress=progress, cancel=cancel)
     blocks = [b.block for b in report.blocks]
     columns = [*(f"θ {label}" for label in report.pair_labels), "mean"]
     rows = [[*b.angles, b.mean_angle] for b in report.blocks]

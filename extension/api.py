@@ -99,12 +99,12 @@ def analyze_request(body: Any, backend: Backend) -> dict[str, Any]:
     recipe = recipe_from_body(body, backend, for_merge=False)
     try:
         with backend.jobs.job("an analysis (HTTP)") as cancel:
-            report = analysis_view.analyze(recipe, cancel=cancel)
+            report = analysis_view.engine_report(recipe, cancel=cancel)
     except Busy as e:
         raise ApiError(409, str(e)) from None
     except MergeLabError as e:
         raise ApiError(400, str(e)) from None
-    return report.data
+    return report.as_dict()
 
 
 def models_request(backend: Backend) -> dict[str, Any]:
