@@ -249,7 +249,9 @@ class TabController:
         except Exception as e:
             traceback.print_exc()
             return {"status": f"internal error ({type(e).__name__}: {_one_line(e)}); see the console"}
-        image = result.images[0] if result.images else None
+        if not result.images:
+            return {"status": f"{result.model_name} is loaded, but no image came back (the preview was interrupted)"}
+        image = result.images[0]
         notes = f" ({'; '.join(result.notes)})" if result.notes else ""
         return {
             "preview_image": image,

@@ -191,7 +191,7 @@ class HostBackend(Backend):
         self.stats = {"merges": 0, "loads": 0}
         self._temp_dir: str | None = None
         self._temp_files: dict[str, str] = {}  # fingerprint -> merged file (Forge)
-        self._lock = threading.RLock()
+        self._rendering = False  # our preview is the job running in the web UI
 
     # ---- models --------------------------------------------------------------------------------------
     def model_folders(self) -> list[str]:
@@ -244,9 +244,9 @@ class HostBackend(Backend):
                              time.perf_counter() - start)
 
     def interrupt(self) -> None:
-        state = getattr(self.shared, "state", None)
-        if state is not None and getattr(state, "job", ""):
-            state.interrupt()
+        """Cancel pressed during our preview's sampling (never someone else's generation)."""
+        if self._rendering:
+            self.shared.state.interrupt()
 
     def remember_xyz_recipe(self, recipe: Recipe) -> None:
         self.xyz_recipe = recipe
@@ -413,6 +413,7 @@ class HostBackend(Backend):
         def txt2img():
             state = self.shared.state
             state.begin(job="merge_lab_preview")
+            self._rendering = True
             try:
                 kwargs = _supported_fields(processing.StableDiffusionProcessingTxt2Img, dict(
                     sd_model=self.shared.sd_model, prompt=settings.prompt, negative_prompt=settings.negative_prompt,
@@ -425,6 +426,7 @@ class HostBackend(Backend):
                 with contextlib.closing(p):
                     processed = processing.process_images(p)
             finally:
+                self._rendering = False
                 state.end()
             infotexts = getattr(processed, "infotexts", None) or [getattr(processed, "info", "")]
             return list(processed.images), infotexts[0]
