@@ -104,20 +104,48 @@ print("ok")
 """
 
 
-def test_loads_from_the_extension_folder_alone(tmp_path):
-    """As in the web UI: nothing installed, the root on sys.path only while scripts/merge_lab_tab.py runs."""
+NAME_CLASH = r"""
+import sys
+sys.path.append(SITE)
+sys.path.insert(0, STANDIN)
+sys.path.insert(0, OTHER)
+import merge_lab  # another extension's package of the same name, loaded first
+from modules import scripts, script_callbacks
+scripts.load_scripts([(ROOT, ROOT + "/scripts/merge_lab_tab.py")])
+assert not scripts.errors and not scripts.scripts_data
+assert not script_callbacks.callback_map["callbacks_ui_tabs"]
+print("ok")
+"""
+
+
+def _run_isolated(tmp_path, code: str, **names):
     import subprocess
     import sys
     import sysconfig
 
     from .webui_host import ROOT, STANDIN
 
-    code = (f"SITE, STANDIN, ROOT = {sysconfig.get_paths()['purelib']!r}, {str(STANDIN)!r}, {str(ROOT)!r}\n"
-            + LOAD_AS_EXTENSION)
+    names = {"SITE": sysconfig.get_paths()["purelib"], "STANDIN": str(STANDIN), "ROOT": str(ROOT), **names}
+    prelude = "".join(f"{k} = {v!r}\n" for k, v in names.items())
     env = {"STANDIN_MODELS": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+    return subprocess.run([sys.executable, "-S", "-c", prelude + code], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+
+
+def test_loads_from_the_extension_folder_alone(tmp_path):
+    """As in the web UI: nothing installed, the root on sys.path only while scripts/merge_lab_tab.py runs."""
+    run = _run_isolated(tmp_path, LOAD_AS_EXTENSION)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def test_stays_off_when_another_merge_lab_is_loaded(tmp_path):
+    other = tmp_path / "other"
+    (other / "merge_lab").mkdir(parents=True)
+    (other / "merge_lab" / "__init__.py").write_text("")
+    run = _run_isolated(tmp_path, NAME_CLASH, OTHER=str(other))
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert f"[Merge Lab] not loaded: ImportError: another package named merge_lab is loaded from {other}" \
+        in run.stderr
 
 
 def test_tab_lists_the_hosts_models(webui):
