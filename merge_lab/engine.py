@@ -255,10 +255,10 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
             per_copy = max(1, plan.budget // (in_flight * 8))
             task.chunks = _row_chunks(task.shape, per_copy)
             continue
-        if not plan.method.elementwise:
+        if not plan.method.chunkable(plan.params):
             continue
         task.chunks = _row_chunks(task.shape, elements_per_chunk)
-        task.needs_stats = len(task.chunks) > 1 and plan.method.statistics is not None
+        task.needs_stats = len(task.chunks) > 1 and plan.method.needs_statistics(plan.params, task.shape)
 
 
 def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int] | None]:
@@ -334,11 +334,22 @@ class Executor:
         self.progress = progress
         self.cancel = cancel
         self.pin = plan.device.type == "cuda"
+        self.block_grams: dict[str, torch.Tensor] | None = None
 
     def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
         plan = self.plan
         total = sum(u.nbytes for u in _units(plan))
         done = 0
+        if plan.method.uses_block_statistics(plan.params):
+            # A first pass over every input: the per-block Gram matrices of the task vectors (Model Stock's
+            # block granularity), by the same code as `merge-lab analyze`.
+            from .analysis import analysis_units, block_grams
+
+            units = analysis_units(plan)
+            done = sum(u.nbytes for u in units)
+            total += done
+            self.block_grams = block_grams(plan, units, progress=self.progress, cancel=self.cancel,
+                                           total=total).grams
         window: deque[tuple[Unit, Future]] = deque()
         stats: dict[str, Future] = {}
         pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab")
@@ -373,7 +384,8 @@ class Executor:
             t = t.pin_memory()
         return t
 
-    def _load_inputs(self, task: KeyTask, rows):
+    def load_inputs(self, task: KeyTask, rows):
+        """The compute-dtype tensors of one key (or rows of it): (models, base), fresh copies."""
         plan = self.plan
         device, dtype = plan.device, plan.compute_dtype
         tensors = []
@@ -411,14 +423,17 @@ class Executor:
         M = methods()
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         weights = tuple(self.plan.recipe.weights) if self.plan.recipe.weights is not None else None
+        if self.block_grams is not None:
+            stats = {**(stats or {}), "block_gram": self.block_grams[task.block]}
         return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape,
-                            offset=0 if rows is None else rows[0] * row, weights=weights, stats=stats)
+                            offset=0 if rows is None else rows[0] * row, weights=weights, stats=stats,
+                            inputs_writable=True)
 
     def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
         plan = self.plan
         total: dict[str, torch.Tensor] = {}
         for rows in task.chunks:
-            models, base = self._load_inputs(task, rows)
+            models, base = self.load_inputs(task, rows)
             part = plan.method.statistics(models, base, self._context(task, rows), **plan.params)
             for name, value in part.items():
                 total[name] = total[name] + value if name in total else value
@@ -433,7 +448,7 @@ class Executor:
             return t if t.dtype == out_dtype else t.to(out_dtype)
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
-        models, base = self._load_inputs(task, unit.rows)
+        models, base = self.load_inputs(task, unit.rows)
         stats = stats_future.result() if stats_future is not None else None
         ctx = self._context(task, unit.rows, stats)
         try:
