@@ -36,37 +36,45 @@ def mask_seed(seed: int, key: str, model_index: int, block: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
-    """The keep mask (bool, CPU, flat) of `count` elements starting at flat index ctx.offset of the whole
-    tensor ctx.shape: the same bits for a chunk as for those elements of the whole tensor."""
+def _mask_blocks(ctx: KeyContext, model_index: int, count: int, p: float):
+    """(start, stop, keep) for each mask block that elements [ctx.offset, ctx.offset + count) of the whole
+    tensor overlap; start/stop are relative to ctx.offset, keep is a CPU bool tensor of stop − start."""
     total = ctx.numel
-    start, stop = ctx.offset, ctx.offset + count
-    if stop > total:
-        raise ValueError(f"chunk [{start}, {stop}) lies outside the tensor of {total} elements")
+    first, last = ctx.offset, ctx.offset + count
+    if last > total:
+        raise ValueError(f"chunk [{first}, {last}) lies outside the tensor of {total} elements")
     if count == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    parts = []
-    for block in range(start // MASK_BLOCK, (stop - 1) // MASK_BLOCK + 1):
+        return
+    for block in range(first // MASK_BLOCK, (last - 1) // MASK_BLOCK + 1):
         block_start = block * MASK_BLOCK
         length = min(MASK_BLOCK, total - block_start)
         generator = torch.Generator().manual_seed(mask_seed(ctx.seed, ctx.key, model_index, block))
         u = torch.rand(length, generator=generator)
-        lo, hi = max(start, block_start) - block_start, min(stop, block_start + length) - block_start
-        parts.append(u[lo:hi] >= p)
+        lo, hi = max(first, block_start), min(last, block_start + length)
+        yield lo - first, hi - first, u[lo - block_start:hi - block_start] >= p
+
+
+def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
+    """The keep mask (bool, CPU, flat) of `count` elements starting at flat index ctx.offset of the whole
+    tensor ctx.shape: the same bits for a chunk as for those elements of the whole tensor."""
+    parts = [keep for _, _, keep in _mask_blocks(ctx, model_index, count, p)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.bool)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) -> list[torch.Tensor]:
-    """mᵢ ⊙ τᵢ (÷ (1 − p) when rescaling), in place. p = 0 keeps everything, p = 1 drops everything (no
-    rescale then: there is nothing left to rescale)."""
+    """mᵢ ⊙ τᵢ (÷ (1 − p) when rescaling), in place, one mask block at a time (no whole-tensor mask).
+    p = 0 keeps everything, p = 1 drops everything (no rescale then: there is nothing left)."""
     if p <= 0:
         return taus
     for index, tau in enumerate(taus):
         if p >= 1:
             tau.zero_()
             continue
-        mask = keep_mask(ctx, index, tau.numel(), p).to(tau.device)
-        tau.mul_(mask.view(tau.shape))
+        flat = tau.view(-1)
+        for start, stop, keep in _mask_blocks(ctx, index, flat.numel(), p):
+            flat[start:stop].mul_(keep.to(flat.device))
         if rescale:
             tau.div_(1.0 - p)
     return taus
