@@ -157,11 +157,10 @@ def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale
 def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock):
     _check_p(p)
     check_k(k)
+    _check_tsd({"stock": stock}, len(models))
     coefficient = ratio * scale
     if coefficient == 0 or p >= 1 or k == 0:
         return unchanged_base(base, ctx)
-    if stock:
-        _check_tsd({"stock": stock}, len(models))
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
     if stock:
         stats = ctx.stats or {}
