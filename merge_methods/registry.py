@@ -176,7 +176,8 @@ class MergeMethod:
             what = "fine-tuned models besides the base" if self.base == "required" else "models"
             raise ValueError(f"method {self.name} needs at least {self.min_models} {what}, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
-            raise ValueError(f"method {self.name} takes at most {self.max_models} models, got {n_models}")
+            noun = "model" if self.max_models == 1 else "models"
+            raise ValueError(f"method {self.name} takes at most {self.max_models} {noun}, got {n_models}")
 
     def __call__(self, models: Sequence[torch.Tensor], base: torch.Tensor | None = None, ratio: float = 1.0,
                  ctx: KeyContext | None = None, **params) -> torch.Tensor:

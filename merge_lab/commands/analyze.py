@@ -29,7 +29,7 @@ def run(args) -> int:
         report = analyze(args.models, args.base, threads=args.threads, device=args.device,
                          memory_budget=args.memory_budget, progress=progress)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
     else:
         print(format_report(report))
     if args.heatmap:

@@ -67,7 +67,7 @@ def run_demo(root: Path, *, archs=("sd1", "sdxl"), width: int = TINY_WIDTH, voca
         report = analyze([str(p) for p in fts], str(base))
         stem = analysis_dir / f"{arch}-theta"
         Path(f"{stem}.txt").write_text(format_report(report) + "\n", encoding="utf-8")
-        Path(f"{stem}.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+        Path(f"{stem}.json").write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         render_heatmap(report, f"{stem}.png")
         rows.append((arch, "θ per block (analyze)", f"{stem}.txt / .json / .png", "", f"{report.seconds:.2f}"))
     return rows
