@@ -249,6 +249,9 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
 # method's temporaries stay in the CPU caches.
 UNIT_MAX_ELEMENTS = 1 << 23
 SLICE_ELEMENTS = 1 << 18
+# ...but the converted inputs of one slice together stay near this size, however many models there are.
+SLICE_BYTES = 4 << 20
+MIN_SLICE_ELEMENTS = 1 << 14
 
 
 def _is_elementwise(method, params) -> bool:
@@ -355,6 +358,8 @@ class Executor:
         self.progress = progress
         self.cancel = cancel
         self.pin = plan.device.type == "cuda"
+        per_element = len(plan.inputs) * torch.empty((), dtype=plan.compute_dtype).element_size()
+        self.slice_elements = max(MIN_SLICE_ELEMENTS, min(SLICE_ELEMENTS, SLICE_BYTES // per_element))
 
     def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
         plan = self.plan
@@ -401,7 +406,7 @@ class Executor:
             yield None
             return
         row = math.prod(shape[1:]) or 1
-        step = shape[0] if self.plan.device.type == "cuda" else max(1, SLICE_ELEMENTS // row)
+        step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
         for start in range(0, shape[0], step):
             yield start, min(start + step, shape[0])
 

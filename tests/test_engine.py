@@ -85,6 +85,7 @@ def force_small_units(monkeypatch, unit=1500, slice_=300):
 
     monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", unit)
     monkeypatch.setattr(engine, "SLICE_ELEMENTS", slice_)
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
 
 
 def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path, monkeypatch):
