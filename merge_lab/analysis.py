@@ -20,7 +20,16 @@ import torch
 
 from ._own import methods
 from .blocks import extra_blocks, main_blocks
-from .engine import Executor, KeyTask, MergePlan, ProgressFn, _row_chunks, prepare
+from .engine import (
+    UNIT_MAX_ELEMENTS,
+    Executor,
+    KeyTask,
+    MergePlan,
+    ProgressFn,
+    _one_torch_thread,
+    _row_chunks,
+    prepare,
+)
 from .errors import MergeCancelled, RecipeError
 from .recipe import Recipe
 from .safetensors_io import ITEMSIZE
@@ -34,20 +43,17 @@ class AnalysisUnit:
 
 
 def analysis_units(plan: MergePlan) -> list[AnalysisUnit]:
-    """Every merged key of the plan, in chunks of rows sized for the memory budget."""
-    n_inputs = len(plan.inputs)
-    compute = torch.empty((), dtype=plan.compute_dtype).element_size()
-    per_element = n_inputs * (4 + compute)  # raw + converted inputs; the float64 Gram slices are bounded
-    elements = max(1, plan.budget // (2 * plan.threads * per_element))
+    """Every merged key of the plan, in units of rows sized like the merge's (memory budget, unit cap)."""
+    share = max(1, plan.budget // (2 * plan.threads))
     units = []
     for task in plan.tasks:
         if task.action != "merge":
             continue
-        item = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs)
+        raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs)
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
-        for rows in _row_chunks(task.shape, elements):
+        for rows in _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw))):
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
-            units.append(AnalysisUnit(task, rows, count * item))
+            units.append(AnalysisUnit(task, rows, count * raw))
     return units
 
 
@@ -74,15 +80,16 @@ def block_grams(plan: MergePlan, units: list[AnalysisUnit] | None = None, *, pro
     def work(unit: AnalysisUnit) -> torch.Tensor:
         if cancel is not None and cancel.is_set():
             raise MergeCancelled("cancelled")
-        models, base = loader.load_inputs(unit.task, unit.rows)
-        if base is not None:
-            for m in models:
-                m.sub_(base)
-        return gram(models)
+        total = torch.zeros(n, n, dtype=torch.float64)
+        for models, base, _ in loader.converted_slices(unit.task, unit.rows):
+            # a fresh difference: the converted slices may be views of the raw buffers
+            vectors = models if base is None else [m - base for m in models]
+            total += gram(vectors)
+        return total
 
     done = 0
     window: deque[tuple[AnalysisUnit, Any]] = deque()
-    pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab-analysis")
+    pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab-analysis", initializer=_one_torch_thread)
 
     def drain() -> None:
         nonlocal done

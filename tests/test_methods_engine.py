@@ -44,7 +44,7 @@ def recipe_for(family, method, params, n, **extra):
 @pytest.mark.parametrize("method, params, n", CASES, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p, _ in CASES])
 def test_every_method_chunked_equals_unchunked(sd1_family, method, params, n):
     whole = merge_to_state_dict(recipe_for(sd1_family, method, params, n)).state_dict
-    recipe = recipe_for(sd1_family, method, params, n, memory_budget="1MB", threads=3)
+    recipe = recipe_for(sd1_family, method, params, n, memory_budget="1MB", threads=8)
     with prepare(recipe, hash_inputs=False) as plan:
         chunkable = plan.method.chunkable(plan.params)
         trims = plan.params.get("k", 1.0) < 1 and plan.params.get("combine", "ties") == "ties"

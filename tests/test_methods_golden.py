@@ -25,12 +25,13 @@ SUDOKU_MASS = torch.tensor([[3., 3., 3., 4.], [3., -3., -4., 3.], [3., 3., 3., 4
 
 
 def reference_mask(seed, key, index, numel, p):
-    """The documented drop-mask scheme, restated independently of merge_methods/drop.py."""
+    """The documented drop-mask scheme (blocks of 2**16), restated independently of merge_methods/drop.py."""
+    assert M.drop.MASK_BLOCK == 2**16
     parts = []
-    for block in range(math.ceil(numel / 2**20)):
+    for block in range(math.ceil(numel / 2**16)):
         digest = hashlib.sha256(f"{seed}\0{key}\0{index}\0{block}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        parts.append(torch.rand(min(2**20, numel - block * 2**20), generator=g) >= p)
+        parts.append(torch.rand(min(2**16, numel - block * 2**16), generator=g) >= p)
     return torch.cat(parts)
 
 
