@@ -60,11 +60,13 @@ def ensure_checkpoints(arch: str, n_models: int, folder: Path | None = None, *, 
         with SafetensorsWriter(path, entries, {"format": "pt", "merge_lab.bench": name}) as w:
             for key, shape in shapes.items():
                 base = _value(key, shape, "base", 0, torch.float32)
-                if index and base.is_floating_point():
-                    scale = 0.05 * float(base.std()) if base.numel() > 1 else 0.001
+                if index and base.is_floating_point() and base.numel() > 1:
+                    # base + 5% of its spread along a shared direction and the model's own noise (the three
+                    # are drawn with the same spread)
+                    scale = 0.05
                     shared = _value(key, shape, "shared", 0, torch.float32)
                     own = _value(key, shape, f"own{index}", 0, torch.float32)
-                    base = base + scale * (0.6 * shared + 0.8 * own) / max(1e-12, float(shared.std() or 1))
+                    base = base + scale * (0.6 * shared + 0.8 * own)
                 w.write(key, base if not base.is_floating_point() else base.half())
             w.finish()
     return paths[0], paths[1:]

@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .errors import MergeLabError
 
-COMMANDS = ["info", "merge", "batch", "methods", "presets", "demo", "bench", "ui"]
+COMMANDS = ["info", "merge", "batch", "methods", "presets", "analyze", "demo", "bench", "ui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -187,11 +187,19 @@ def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
     spec = recipe.blocks
     if spec is None or spec == "":
         return None
-    if isinstance(spec, str) and not any(c.isdigit() for c in spec.split(",")[0]):
+    if isinstance(spec, str) and not _is_number(spec.split(",")[0]):  # a preset name (FLAT_25, WRAP08, …)
         from .presets import preset_values
 
         return preset_values(spec.strip(), arch)
     return parse_values(spec)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _dominant_float_dtype(inp: Input) -> str:
@@ -249,11 +257,13 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
 # method's temporaries stay in the CPU caches.
 UNIT_MAX_ELEMENTS = 1 << 23
 SLICE_ELEMENTS = 1 << 18
+# ...but the converted inputs of one slice together stay near this size, however many models there are.
+SLICE_BYTES = 4 << 20
+MIN_SLICE_ELEMENTS = 1 << 14
 
 
 def _is_elementwise(method, params) -> bool:
-    flag = method.elementwise
-    return bool(flag(params) if callable(flag) else flag)
+    return method.chunkable(params)
 
 
 def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
@@ -268,11 +278,12 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
         raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
         if not elementwise:
             continue  # whole tensors: the method needs all of it at once
+        needs_stats = plan.method.needs_statistics(plan.params, task.shape)
         fits_whole = task.numel * raw <= share
-        if plan.method.statistics is not None and fits_whole:
+        if needs_stats and fits_whole:
             continue  # one unit, statistics gathered in memory before the slices are merged
         task.chunks = _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw)))
-        task.needs_stats = len(task.chunks) > 1 and plan.method.statistics is not None
+        task.needs_stats = len(task.chunks) > 1 and needs_stats
 
 
 def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int] | None]:
@@ -339,6 +350,13 @@ def _units(plan: MergePlan):
             yield Unit(task, rows, count * item * len(sources) * factor)
 
 
+def _one_torch_thread() -> None:
+    # We parallelize over units ourselves; torch's intra-op threads on top of that oversubscribe the
+    # cores, and on a busy machine its barrier waits made a one-worker merge 4x slower. The setting is
+    # per thread, so the host's own threads keep theirs.
+    torch.set_num_threads(1)
+
+
 class Executor:
     """Runs a plan on a thread pool; results go to `sink(key, tensor)` in output order."""
 
@@ -348,14 +366,27 @@ class Executor:
         self.progress = progress
         self.cancel = cancel
         self.pin = plan.device.type == "cuda"
+        per_element = len(plan.inputs) * torch.empty((), dtype=plan.compute_dtype).element_size()
+        self.slice_elements = max(MIN_SLICE_ELEMENTS, min(SLICE_ELEMENTS, SLICE_BYTES // per_element))
+        self.block_grams: dict[str, torch.Tensor] | None = None
 
     def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
         plan = self.plan
         total = sum(u.nbytes for u in _units(plan))
         done = 0
+        if plan.method.uses_block_statistics(plan.params):
+            # A first pass over every input: the per-block Gram matrices of the task vectors (Model Stock's
+            # block granularity), by the same code as `merge-lab analyze`.
+            from .analysis import analysis_units, block_grams
+
+            units = analysis_units(plan)
+            done = sum(u.nbytes for u in units)
+            total += done
+            self.block_grams = block_grams(plan, units, progress=self.progress, cancel=self.cancel,
+                                           total=total).grams
         window: deque[tuple[Unit, Future]] = deque()
         stats: dict[str, Future] = {}
-        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab")
+        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab", initializer=_one_torch_thread)
         try:
             for unit in _units(plan):
                 if self.cancel is not None and self.cancel.is_set():
@@ -394,9 +425,22 @@ class Executor:
             yield None
             return
         row = math.prod(shape[1:]) or 1
-        step = shape[0] if self.plan.device.type == "cuda" else max(1, SLICE_ELEMENTS // row)
+        step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
         for start in range(0, shape[0], step):
             yield start, min(start + step, shape[0])
+
+    def converted_slices(self, task: KeyTask, rows):
+        """(models, base, first row) for each slice of one unit, in the compute dtype (the analysis pass)."""
+        raws = self._read_raw(task, rows)
+        first_row = rows[0] if rows else 0
+        for part in self._slices(tuple(raws[0].shape)):
+            models, base = self._convert(task, raws, part)
+            yield models, base, first_row + (part[0] if part else 0)
+
+    def _owns_converted(self, raws: list[torch.Tensor]) -> bool:
+        """Whether converting `raws` copies them (a new dtype or device), so that a method may overwrite the
+        converted tensors without touching the raw buffers, which later slices and passes read again."""
+        return self.plan.device.type != "cpu" or all(r.dtype != self.plan.compute_dtype for r in raws)
 
     def _convert(self, task: KeyTask, raws: list[torch.Tensor], rows):
         plan = self.plan
@@ -430,19 +474,23 @@ class Executor:
             out[i] = t
         return out
 
-    def _context(self, task: KeyTask, first_row: int, stats=None):
+    def _context(self, task: KeyTask, first_row: int, stats=None, writable: bool = False):
         M = methods()
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         weights = tuple(self.plan.recipe.weights) if self.plan.recipe.weights is not None else None
+        if self.block_grams is not None:
+            stats = {**(stats or {}), "block_gram": self.block_grams[task.block]}
         return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
-                            weights=weights, stats=stats)
+                            weights=weights, stats=stats, inputs_writable=writable)
 
     def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
         plan = self.plan
+        writable = self._owns_converted(raws)
         for rows in self._slices(tuple(raws[0].shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
-            part = plan.method.statistics(models, base, self._context(task, offset), **plan.params)
+            part = plan.method.statistics(models, base, self._context(task, offset, writable=writable),
+                                          **plan.params)
             for name, value in part.items():
                 total[name] = total[name] + value if name in total else value
         return total
@@ -466,20 +514,22 @@ class Executor:
         raws = self._read_raw(task, unit.rows)
         first_row = unit.rows[0] if unit.rows else 0
         method = plan.method
+        writable = self._owns_converted(raws)
         try:
             if not _is_elementwise(method, plan.params):
                 models, base = self._convert(task, raws, None)
-                result = method.fn(models, base, task.ratio, self._context(task, 0), **plan.params)
+                result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
                 self._check_shape(result, models[0], task)
                 return result.to(device="cpu", dtype=out_dtype)
             stats = stats_future.result() if stats_future is not None else None
-            if stats is None and method.statistics is not None:
+            if stats is None and method.needs_statistics(plan.params, task.shape):
                 stats = self._accumulate(task, raws, first_row, {})
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
             for rows in self._slices(tuple(raws[0].shape)):
                 models, base = self._convert(task, raws, rows)
                 offset = first_row + (rows[0] if rows else 0)
-                result = method.fn(models, base, task.ratio, self._context(task, offset, stats), **plan.params)
+                ctx = self._context(task, offset, stats, writable)
+                result = method.fn(models, base, task.ratio, ctx, **plan.params)
                 self._check_shape(result, models[0], task)
                 if rows is None:
                     out.copy_(result)

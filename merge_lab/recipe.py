@@ -129,8 +129,8 @@ class Recipe:
             raise RecipeError("no models given")
         models = self.expanded_models()
         try:
-            method.check_inputs(len(models), self.base is not None)
-            method.normalize_params(self.params)
+            method.check_inputs(len(models), self.base is not None, self.weights is not None)
+            method.check_params(method.normalize_params(self.params), len(models))
         except ValueError as e:
             raise RecipeError(str(e)) from None
         for p in [*models, *([self.base] if self.base else [])]:
