@@ -120,8 +120,8 @@ class TabController:
         out: dict[str, Any] = {}
         for w in self.widgets:
             applies = method.name in w.defaults
-            out[w.field] = update(visible=applies, value=w.defaults[method.name]) if applies else \
-                update(visible=False)
+            out[w.field] = update(visible=applies, value=w.defaults[method.name], label=w.label(method.name)) \
+                if applies else update(visible=False)
         inputs = f"{method.min_models}+" if method.max_models is None else (
             str(method.min_models) if method.min_models == method.max_models else
             f"{method.min_models}–{method.max_models}")
@@ -312,8 +312,8 @@ class TabController:
         out: dict[str, Any] = dict(values)
         for w in self.widgets:  # parameter values from the record win over the method's defaults
             applies = method.name in w.defaults
-            out[w.field] = update(visible=applies, value=values.get(w.field, w.defaults.get(method.name))) \
-                if applies else update(visible=False)
+            out[w.field] = update(visible=applies, value=values.get(w.field, w.defaults.get(method.name)),
+                                  label=w.label(method.name)) if applies else update(visible=False)
         out["base"] = update(value=values["base"], visible=method.base != "never")
         out["method_info"] = self.method_changed(method.name)["method_info"]
         arch = values.get("arch", DEFAULT_ARCH)

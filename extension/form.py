@@ -45,6 +45,11 @@ class ParamWidget:
     maximum: float | None
     help: str
     defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    helps: dict[str, str] = field(default_factory=dict, compare=False, hash=False)  # per method
+
+    def label(self, method: str | None = None) -> str:
+        text = self.helps.get(method, self.help) if method else self.help
+        return f"{self.name} — {text}" if text else self.name
 
     @property
     def field(self) -> str:
@@ -63,12 +68,14 @@ def param_widgets() -> list[ParamWidget]:
     """The union of every registered method's parameters, one entry per (name, kind, choices)."""
     M = methods()
     found: dict[tuple, dict[str, Any]] = {}
+    helps: dict[tuple, dict[str, str]] = {}
     info: dict[tuple, Any] = {}
     for method_name in M.method_names():
         method = M.get_method(method_name)
         for p in method.params:
             signature = (p.name, p.kind, p.choices)
             found.setdefault(signature, {})[method.name] = p.default
+            helps.setdefault(signature, {})[method.name] = p.help
             info.setdefault(signature, p)
     by_name: dict[str, int] = {}
     for name, _, _ in found:
@@ -78,7 +85,8 @@ def param_widgets() -> list[ParamWidget]:
         name, kind, choices = signature
         p = info[signature]
         key = name if by_name[name] == 1 else f"{name}_{kind.__name__}{len(widgets)}"
-        widgets.append(ParamWidget(key, name, kind, choices, p.minimum, p.maximum, p.help, dict(defaults)))
+        widgets.append(ParamWidget(key, name, kind, choices, p.minimum, p.maximum, p.help, dict(defaults),
+                                   helps[signature]))
     return widgets
 
 

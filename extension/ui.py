@@ -268,8 +268,8 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
 def _param_widget(w, default_method: str):
     visible = default_method in w.defaults
     value = w.defaults.get(default_method, next(iter(w.defaults.values())))
-    label = f"{w.name}" + (f" — {w.help}" if w.help else "")
-    common = {"label": label, "visible": visible, "elem_id": ELEM_PREFIX + w.field}
+    common = {"label": w.label(default_method if visible else None), "visible": visible,
+              "elem_id": ELEM_PREFIX + w.field}
     if w.kind is bool:
         return component(gr.Checkbox, value=bool(value), **common)
     if w.choices:

@@ -345,3 +345,16 @@ def test_api_refuses_bad_requests_with_one_line(a1111, body, message):
 def test_api_lists_methods(a1111):
     names = [m["name"] for m in client_for(a1111).get("/merge-lab/v1/methods").json()["methods"]]
     assert "weighted_sum" in names
+
+
+def test_api_analyze_answers_the_engines_numbers(a1111):
+    from merge_lab.analysis import analyze
+
+    body = {"models": ["sd1-ft1.safetensors", "sd1-ft2.safetensors"], "base": "sd1-base.safetensors"}
+    r = client_for(a1111).post("/merge-lab/v1/analyze", json=body)
+    assert r.status_code == 200, r.text
+    d = a1111.models_dir
+    expected = analyze([str(d / "sd1-ft1.safetensors"), str(d / "sd1-ft2.safetensors")],
+                       str(d / "sd1-base.safetensors")).as_dict()
+    assert r.json()["blocks"] == expected["blocks"]
+    assert client_for(a1111).post("/merge-lab/v1/analyze", json={**body, "out": "x"}).status_code == 400

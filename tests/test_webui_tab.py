@@ -11,6 +11,7 @@ import gradio as gr
 import pytest
 from safetensors import safe_open
 
+from merge_lab._own import methods
 from merge_lab.engine import merge_to_state_dict
 from merge_lab.presets import preset_values
 from merge_lab.recipe import Recipe
@@ -124,6 +125,9 @@ def test_method_change_shows_only_its_parameters(tab):
         shown = {w.name for w in controller.widgets if out[w.field]["visible"]}
         assert shown == declared, method
         assert method in out["method_info"]
+        for w in controller.widgets:
+            if w.name in declared and out[w.field]["visible"]:
+                assert out[w.field]["label"] == f"{w.name} — {methods().get_method(method).param(w.name).help}"
     add_diff = tab.run("method", form(tab, method="add_difference"))
     assert add_diff["base"]["visible"] is True
     assert tab.run("method", form(tab, method="weighted_sum"))["base"]["visible"] is False
@@ -187,3 +191,16 @@ def test_refresh_picks_up_new_files(tab, models_dir):
     assert "new.safetensors" in out["models"]["choices"] or ("new.safetensors", "new.safetensors") in \
         out["models"]["choices"]
     assert out["models"]["value"] == ["sd1-ft1.safetensors"]
+
+
+def test_analyze_shows_the_engines_theta_per_block(tab, models_dir):
+    from merge_lab.analysis import analyze, format_angle
+
+    names = ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
+    out = tab.run("analyze", form(tab, models=names), progress=lambda f, desc=None: None)
+    assert out["status"].startswith("θ per block for 2 models (1 pair(s))"), out["status"]
+    expected = analyze([str(models_dir / n) for n in names])
+    in04 = next(b for b in expected.blocks if b.block == "IN04")
+    row = out["theta_table"].split("<th>IN04</th>")[1].split("</tr>")[0]
+    assert f"{in04.angles[0]:.1f}°" in row and format_angle(in04.angles[0])
+    assert out["heatmap"].size[0] > 100 and out["heatmap"].size[1] > 100
