@@ -187,11 +187,20 @@ def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
     spec = recipe.blocks
     if spec is None or spec == "":
         return None
-    if isinstance(spec, str) and not any(c.isdigit() for c in spec.split(",")[0]):
+    if isinstance(spec, str) and not _is_number(spec.split(",")[0]):
+        # A preset name (names may hold digits: FLAT_25, WRAP08, MID12_50 …)
         from .presets import preset_values
 
         return preset_values(spec.strip(), arch)
     return parse_values(spec)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _dominant_float_dtype(inp: Input) -> str:
