@@ -119,7 +119,8 @@ class PreviewSettings:
     batch_size: int = 1  # images per render; image i uses seed + i
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto (cuda when available) | cpu | cuda[:N]
-    prediction: str = "auto"  # SD2 only: auto | epsilon | v_prediction
+    # auto: the checkpoint's metadata, else the release's (SD2 without metadata: the web UI's test)
+    prediction: str = "auto"  # auto | epsilon | v_prediction
 
     def validate(self) -> None:
         def bad(msg):
@@ -249,9 +250,11 @@ def identify(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
             stated = (metadata or {}).get("modelspec.prediction_type", "").lower()
             name = "sd2-base" if stated in ("epsilon", "eps") else DEFAULT_VARIANT["sd2"]
             known = bool(stated)
-    else:
-        name = DEFAULT_VARIANT[arch.arch]
-    return ModelKind(arch, layout, VARIANTS[name], known)
+        return ModelKind(arch, layout, VARIANTS[name], known)
+    variant = VARIANTS[DEFAULT_VARIANT[arch.arch]]
+    if prediction == "v_prediction" or (prediction == "auto" and "v-prediction" in arch.variants):
+        variant = replace(variant, prediction_type="v_prediction")  # e.g. v-prediction SDXL fine-tunes
+    return ModelKind(arch, layout, variant, True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -284,6 +284,13 @@ def test_sd2_prediction_follows_metadata_else_the_web_ui_test(render_sd2_family,
     assert calls == [1] and pipe.variant.name == "sd2-base"
 
 
+def test_v_prediction_of_other_architectures(render_sdxl_family):
+    shapes = {k: tuple(v.shape) for k, v in load_file(render_sdxl_family[0]).items()}
+    assert P.identify(shapes, {}).variant.prediction_type == "epsilon"
+    assert P.identify(shapes, {"modelspec.prediction_type": "v"}).variant.prediction_type == "v_prediction"
+    assert P.identify(shapes, {}, "v_prediction").variant.prediction_type == "v_prediction"
+
+
 # ---------------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------------

@@ -118,7 +118,6 @@ def save_state_dict(plan: MergePlan, state: dict, out: str) -> str:
 
 def _merge_and_preview(recipe: Recipe, args) -> int:
     settings = settings_from_args(args)  # bad preview options fail before the merge
-    recipe.validate()
     with prepare(recipe) as plan, TqdmProgress(recipe.out or "merge (in memory)", disable=args.no_progress) as bar:
         result = merge_to_state_dict(recipe, plan=plan, progress=bar)
         if recipe.out:

@@ -34,8 +34,8 @@ def add_render_arguments(p: argparse.ArgumentParser, *, seed_axis_note: bool = F
     g.add_argument("--preview-device", dest="preview_device", default=d.device,
                    help="auto (CUDA when available), cpu or cuda[:N]")
     g.add_argument("--prediction", choices=PREDICTION_CHOICES, default=d.prediction,
-                   help="SD2 only: epsilon (512 base) or v_prediction (768-v); auto: the file's metadata, "
-                        "else the web UI's test")
+                   help="what the UNet predicts; auto: the checkpoint's metadata, else the release's (SD2: "
+                        "512-base epsilon or 768-v v_prediction by the web UI's test)")
     g.add_argument("--preview-dir", dest="preview_dir", help="where images go (default: previews/)")
 
 
