@@ -406,7 +406,11 @@ class PreviewPipeline:
         del cast
         for name, tensors in converted.items():
             module = self.modules[name]
-            expected = set(module.state_dict())
+            own = module.state_dict()
+            expected = set(own)
+            for key in expected - set(tensors):
+                if key.endswith("position_ids"):  # a persistent buffer in older transformers: keep the model's
+                    tensors[key] = own[key]
             missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             if missing or unexpected:
                 raise MergeLabError(f"{name}: the converted weights do not match the diffusers model "
