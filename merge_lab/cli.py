@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import MergeLabError
 
-COMMANDS = ["info", "merge", "batch", "preview", "xyz", "methods", "presets", "demo", "setup_tokenizer"]
+COMMANDS = ["info", "merge", "batch", "preview", "xyz", "methods", "presets", "demo", "bench", "setup_tokenizer"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -251,22 +251,39 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
     return tasks
 
 
+# Work is cut in two levels. A *unit* (a key, or a range of its rows) is what a worker reads and writes
+# at once: at most UNIT_MAX_ELEMENTS, so raw buffers stay small enough for the allocator to recycle
+# instead of page-faulting fresh memory for every key. Inside a unit the method runs on row-aligned
+# *slices* of about SLICE_ELEMENTS, converted to the compute dtype one slice at a time, so that the
+# method's temporaries stay in the CPU caches.
+UNIT_MAX_ELEMENTS = 1 << 23
+SLICE_ELEMENTS = 1 << 18
+# ...but the converted inputs of one slice together stay near this size, however many models there are.
+SLICE_BYTES = 4 << 20
+MIN_SLICE_ELEMENTS = 1 << 14
+
+
+def _is_elementwise(method, params) -> bool:
+    flag = method.elementwise
+    return bool(flag(params) if callable(flag) else flag)
+
+
 def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
-    """Split big tensors into row chunks so that the chunks in flight stay within the memory budget."""
-    n_inputs = len(plan.inputs)
-    compute_size = torch.empty((), dtype=plan.compute_dtype).element_size()
-    # Each input is held raw and converted, plus ~3 compute-size temporaries for the method's result.
-    per_element = n_inputs * (4 + compute_size) + 3 * compute_size
+    """Split keys into units so that the units in flight stay within the memory budget."""
     in_flight = 2 * plan.threads
-    elements_per_chunk = max(1, plan.budget // (in_flight * per_element))
+    share = max(1, plan.budget // in_flight)
+    elementwise = _is_elementwise(plan.method, plan.params)
     for task in tasks:
         if task.action == "copy":
-            per_copy = max(1, plan.budget // (in_flight * 8))
-            task.chunks = _row_chunks(task.shape, per_copy)
+            task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
-        if not plan.method.elementwise:
-            continue
-        task.chunks = _row_chunks(task.shape, elements_per_chunk)
+        raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
+        if not elementwise:
+            continue  # whole tensors: the method needs all of it at once
+        fits_whole = task.numel * raw <= share
+        if plan.method.statistics is not None and fits_whole:
+            continue  # one unit, statistics gathered in memory before the slices are merged
+        task.chunks = _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw)))
         task.needs_stats = len(task.chunks) > 1 and plan.method.statistics is not None
 
 
@@ -334,6 +351,13 @@ def _units(plan: MergePlan):
             yield Unit(task, rows, count * item * len(sources) * factor)
 
 
+def _one_torch_thread() -> None:
+    # We parallelize over units ourselves; torch's intra-op threads on top of that oversubscribe the
+    # cores, and on a busy machine its barrier waits made a one-worker merge 4x slower. The setting is
+    # per thread, so the host's own threads keep theirs.
+    torch.set_num_threads(1)
+
+
 class Executor:
     """Runs a plan on a thread pool; results go to `sink(key, tensor)` in output order."""
 
@@ -343,6 +367,8 @@ class Executor:
         self.progress = progress
         self.cancel = cancel
         self.pin = plan.device.type == "cuda"
+        per_element = len(plan.inputs) * torch.empty((), dtype=plan.compute_dtype).element_size()
+        self.slice_elements = max(MIN_SLICE_ELEMENTS, min(SLICE_ELEMENTS, SLICE_BYTES // per_element))
 
     def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
         plan = self.plan
@@ -350,7 +376,7 @@ class Executor:
         done = 0
         window: deque[tuple[Unit, Future]] = deque()
         stats: dict[str, Future] = {}
-        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab")
+        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab", initializer=_one_torch_thread)
         try:
             for unit in _units(plan):
                 if self.cancel is not None and self.cancel.is_set():
@@ -376,19 +402,27 @@ class Executor:
         return done
 
     # -- worker side ---------------------------------------------------------------------------------
-    def _read(self, inp: Input, key: str, rows):
-        t = inp.reader.read(key, rows)
-        if self.pin:
-            t = t.pin_memory()
-        return t
+    def _read_raw(self, task: KeyTask, rows) -> list[torch.Tensor]:
+        raws = []
+        for inp in self.plan.inputs:
+            t = inp.reader.read(task.key, rows)
+            raws.append(t.pin_memory() if self.pin else t)
+        return raws
 
-    def _load_inputs(self, task: KeyTask, rows):
+    def _slices(self, shape: tuple[int, ...]):
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors)."""
+        if not shape:
+            yield None
+            return
+        row = math.prod(shape[1:]) or 1
+        step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
+        for start in range(0, shape[0], step):
+            yield start, min(start + step, shape[0])
+
+    def _convert(self, task: KeyTask, raws: list[torch.Tensor], rows):
         plan = self.plan
-        device, dtype = plan.device, plan.compute_dtype
-        tensors = []
-        for inp in plan.inputs:
-            raw = self._read(inp, task.key, rows)
-            tensors.append(raw.to(device=device, dtype=dtype, non_blocking=True))
+        tensors = [(r if rows is None else r[rows[0]:rows[1]]).to(device=plan.device, dtype=plan.compute_dtype,
+                                                                   non_blocking=True) for r in raws]
         tensors = self._check_finite(task, tensors)
         models = tensors[: len(plan.models)]
         base = tensors[len(plan.models)] if plan.base else None
@@ -396,6 +430,7 @@ class Executor:
 
     def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         plan = self.plan
+        # A sum is one fast pass and is non-finite whenever an element is; only then look closer.
         bad = [i for i, t in enumerate(tensors) if not bool(torch.isfinite(t.sum())) and
                not bool(torch.isfinite(t).all())]
         if not bad:
@@ -416,21 +451,28 @@ class Executor:
             out[i] = t
         return out
 
-    def _context(self, task: KeyTask, rows, stats=None):
+    def _context(self, task: KeyTask, first_row: int, stats=None):
         M = methods()
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         weights = tuple(self.plan.recipe.weights) if self.plan.recipe.weights is not None else None
-        return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape,
-                            offset=0 if rows is None else rows[0] * row, weights=weights, stats=stats)
+        return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
+                            weights=weights, stats=stats)
 
-    def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
+    def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
         plan = self.plan
-        total: dict[str, torch.Tensor] = {}
-        for rows in task.chunks:
-            models, base = self._load_inputs(task, rows)
-            part = plan.method.statistics(models, base, self._context(task, rows), **plan.params)
+        for rows in self._slices(tuple(raws[0].shape)):
+            models, base = self._convert(task, raws, rows)
+            offset = first_row + (rows[0] if rows else 0)
+            part = plan.method.statistics(models, base, self._context(task, offset), **plan.params)
             for name, value in part.items():
                 total[name] = total[name] + value if name in total else value
+        return total
+
+    def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
+        """Whole-tensor statistics of a key too big for one unit: a first pass over its row chunks."""
+        total: dict[str, torch.Tensor] = {}
+        for rows in task.chunks:
+            self._accumulate(task, self._read_raw(task, rows), rows[0] if rows else 0, total)
         return total
 
     def _compute(self, unit: Unit, stats_future: Future | None) -> torch.Tensor:
@@ -442,16 +484,35 @@ class Executor:
             return t if t.dtype == out_dtype else t.to(out_dtype)
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
-        models, base = self._load_inputs(task, unit.rows)
-        stats = stats_future.result() if stats_future is not None else None
-        ctx = self._context(task, unit.rows, stats)
+        raws = self._read_raw(task, unit.rows)
+        first_row = unit.rows[0] if unit.rows else 0
+        method = plan.method
         try:
-            result = plan.method.fn(models, base, task.ratio, ctx, **plan.params)
+            if not _is_elementwise(method, plan.params):
+                models, base = self._convert(task, raws, None)
+                result = method.fn(models, base, task.ratio, self._context(task, 0), **plan.params)
+                self._check_shape(result, models[0], task)
+                return result.to(device="cpu", dtype=out_dtype)
+            stats = stats_future.result() if stats_future is not None else None
+            if stats is None and method.statistics is not None:
+                stats = self._accumulate(task, raws, first_row, {})
+            out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
+            for rows in self._slices(tuple(raws[0].shape)):
+                models, base = self._convert(task, raws, rows)
+                offset = first_row + (rows[0] if rows else 0)
+                result = method.fn(models, base, task.ratio, self._context(task, offset, stats), **plan.params)
+                self._check_shape(result, models[0], task)
+                if rows is None:
+                    out.copy_(result)
+                else:
+                    out[rows[0]:rows[1]].copy_(result)
+            return out
         except ValueError as e:
-            raise MergeLabError(f"{plan.method.name}: {e}", key=task.key) from None
-        if result.shape != models[0].shape:
-            raise RuntimeError(f"{plan.method.name} returned shape {tuple(result.shape)} for {task.key}")
-        return result.to(device="cpu", dtype=out_dtype)
+            raise MergeLabError(f"{method.name}: {e}", key=task.key) from None
+
+    def _check_shape(self, result: torch.Tensor, like: torch.Tensor, task: KeyTask) -> None:
+        if result.shape != like.shape:
+            raise RuntimeError(f"{self.plan.method.name} returned shape {tuple(result.shape)} for {task.key}")
 
 
 # --------------------------------------------------------------------------------------------------
