@@ -15,7 +15,7 @@ from .batch import format_table
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets) and merge them")
+    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets), merge them, render a preview and an X/Y/Z grid")
     p.add_argument("--dir", default="demo-output", help="where models and outputs go")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--skip-previews", action="store_true", help="only build and merge (no images)")
