@@ -262,16 +262,19 @@ def identify(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
 # ----------------------------------------------------------------------------------------------------
 
 def _quiet_imports():
-    """Import diffusers / transformers with their import-time chatter (torchvision fallbacks) silenced."""
-    import logging
-
+    """Import diffusers / transformers with their import-time chatter (torchvision fallbacks) silenced; the
+    host's logging levels are restored afterwards."""
     import transformers
 
+    previous = transformers.utils.logging.get_verbosity()
     transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
+    try:
+        import diffusers
 
-    diffusers.utils.logging.set_verbosity_error()
+        # diffusers imports lazily: touching the pipelines is the import that warns
+        _ = diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline
+    finally:
+        transformers.utils.logging.set_verbosity(previous)
     return diffusers, transformers
 
 
