@@ -11,9 +11,9 @@ TORCH  := torch==2.13.0
 GRADIO3_PINS := gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 "huggingface_hub<1.0"
 GRADIO4_PINS := gradio==4.40.0 fastapi==0.112.2 pydantic==2.10.6 "huggingface_hub<1.0"
 
-.PHONY: setup setup-gradio3 setup-gradio4 setup-browser demo test lint clean
+.PHONY: setup tokenizer setup-gradio3 setup-gradio4 setup-browser demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) tokenizer
 
 setup-gradio3: .venv-gradio3/.merge-lab-installed
 setup-gradio4: .venv-gradio4/.merge-lab-installed
@@ -45,6 +45,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[preview,ui,dev]" $(TORCH)
 	touch $(STAMP)
 
+# The CLIP vocabulary for previews, built once into the user cache from the open-clip-torch wheel on PyPI
+# (not committed, never fetched at render time); a no-op when already built.
+tokenizer: $(STAMP)
+	$(BIN)/merge-lab setup-tokenizer --quiet
+
 demo: setup
 	$(BIN)/merge-lab demo
 
@@ -55,4 +60,4 @@ test: setup setup-gradio3 setup-gradio4 setup-browser lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .venv-gradio3 .venv-gradio4 demo-output tests/_cache .pytest_cache
+	rm -rf $(VENV) .venv-gradio3 .venv-gradio4 demo-output xyz-output previews tests/_cache .pytest_cache
