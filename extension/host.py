@@ -130,7 +130,9 @@ def is_virtual(info) -> bool:
 
 
 def virtual_stem(method: str, fingerprint: str) -> str:
-    return f"merge-lab-{method}-{fingerprint[:10]}"
+    """How an unsaved merge is named: the same as in `merge-lab preview`'s infotexts
+    (merge_lab.preview.merged_model_name), so an image names its recipe the same way wherever it was made."""
+    return f"merged-{method}-{fingerprint[:10]}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ class HostBackend(Backend):
                                                                        "merge-lab-temp")
             os.makedirs(folder, exist_ok=True)
             for stale in os.listdir(folder):
-                if stale.startswith("merge-lab-") and stale.endswith((".safetensors", ".partial")):
+                if stale.startswith("merged-") and stale.endswith((".safetensors", ".partial")):
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(folder, stale))
             atexit.register(shutil.rmtree, folder, True)

@@ -5,6 +5,7 @@ test_gradio_versions.py."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import gradio as gr
@@ -41,6 +42,12 @@ def form(tab, **changes):
     values = tab.values()
     values.update(changes)
     return values
+
+
+def test_runs_on_the_expected_gradio():
+    """test_gradio_versions.py runs this file in each host's venv and says which gradio must be there."""
+    expected = os.environ.get("MERGE_LAB_EXPECT_GRADIO")
+    assert expected in (None, gr.__version__)
 
 
 def test_builds_a_blocks_with_the_folder_models(tab):

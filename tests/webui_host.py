@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import shutil
@@ -9,6 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from merge_lab.engine import merge_to_state_dict
+from merge_lab.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
@@ -83,3 +89,50 @@ def start_webui(tmp_path: Path, flavour: str, model_files: list[Path], monkeypat
 def stop_webui() -> None:
     _purge_host_modules()
     os.environ.pop("STANDIN_FLAVOUR", None)
+
+
+def digest_of(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+_expected: dict[str, str] = {}
+
+
+def expected_digest(recipe: Recipe) -> str:
+    key = repr(sorted(recipe.to_dict().items()))
+    if key not in _expected:
+        _expected[key] = digest_of(merge_to_state_dict(recipe).state_dict)
+    return _expected[key]
+
+
+def tab_of(ui):
+    assert len(ui.tabs) == 1
+    blocks, title, elem_id = ui.tabs[0]
+    assert (title, elem_id) == ("Merge Lab", "merge_lab")
+    return ui.backend, blocks
+
+
+def recipe_of(ui, alpha=0.5, **kw) -> Recipe:
+    d = ui.models_dir
+    return Recipe(models=[str(d / "sd1-ft1.safetensors"), str(d / "sd1-ft2.safetensors")], alpha=alpha, **kw)
+
+
+def run_xyz(ui, x_label, x_values, y_label="Nothing", y_values="", z_label="Nothing", z_values=""):
+    p = ui.txt2img(prompt="a cat", seed=5, steps=2)
+    xyz = ui.xyz
+    return xyz.run(p, ui.axis_index(x_label), x_values, [], ui.axis_index(y_label), y_values, [],
+                   ui.axis_index(z_label), z_values, [])
+
+
+def client_for(ui):
+    """The route on the host's FastAPI app, added by our on_app_started callback."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    ui.modules.script_callbacks.app_started_callback(None, app)
+    return TestClient(app)
