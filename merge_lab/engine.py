@@ -10,6 +10,7 @@ renamed once complete and verified.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -340,13 +341,14 @@ class Unit:
 
 
 def _units(plan: MergePlan):
+    stages = plan.method.stages(plan.params, plan.compute_dtype)
     for task in plan.tasks:
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         for rows in task.chunks:
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
-            factor = 2 if task.needs_stats else 1
+            factor = 1 + (stages if task.needs_stats else 0)
             yield Unit(task, rows, count * item * len(sources) * factor)
 
 
@@ -483,23 +485,42 @@ class Executor:
         return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
                             weights=weights, stats=stats, inputs_writable=writable)
 
-    def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
+    def _stage_sums(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, earlier: dict,
+                    stage: int) -> dict:
+        """One stage's statistics of `raws` (rows from first_row on) summed over slices; `earlier` holds
+        the sums of the earlier stages."""
         plan = self.plan
         writable = self._owns_converted(raws)
+        sums: dict = {}
         for rows in self._slices(tuple(raws[0].shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
-            part = plan.method.statistics(models, base, self._context(task, offset, writable=writable),
-                                          **plan.params)
-            for name, value in part.items():
-                total[name] = total[name] + value if name in total else value
+            ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
+            for name, value in plan.method.statistics(models, base, ctx, **plan.params).items():
+                sums[name] = sums[name] + value if name in sums else value
+        return sums
+
+    def _stages(self) -> int:
+        return self.plan.method.stages(self.plan.params, self.plan.compute_dtype)
+
+    def _in_memory_statistics(self, task: KeyTask, raws: list[torch.Tensor], first_row: int) -> dict:
+        """Whole-tensor statistics of a key held in one unit."""
+        total: dict = {}
+        for stage in range(self._stages()):
+            total.update(self._stage_sums(task, raws, first_row, total, stage))
         return total
 
     def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
-        """Whole-tensor statistics of a key too big for one unit: a first pass over its row chunks."""
-        total: dict[str, torch.Tensor] = {}
-        for rows in task.chunks:
-            self._accumulate(task, self._read_raw(task, rows), rows[0] if rows else 0, total)
+        """Whole-tensor statistics of a key too big for one unit: passes over its row chunks, read again
+        for each stage."""
+        total: dict = {}
+        for stage in range(self._stages()):
+            stage_total: dict = {}
+            for rows in task.chunks:
+                part = self._stage_sums(task, self._read_raw(task, rows), rows[0] if rows else 0, total, stage)
+                for name, value in part.items():
+                    stage_total[name] = stage_total[name] + value if name in stage_total else value
+            total.update(stage_total)
         return total
 
     def _compute(self, unit: Unit, stats_future: Future | None) -> torch.Tensor:
@@ -523,7 +544,7 @@ class Executor:
                 return result.to(device="cpu", dtype=out_dtype)
             stats = stats_future.result() if stats_future is not None else None
             if stats is None and method.needs_statistics(plan.params, task.shape):
-                stats = self._accumulate(task, raws, first_row, {})
+                stats = self._in_memory_statistics(task, raws, first_row)
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
             for rows in self._slices(tuple(raws[0].shape)):
                 models, base = self._convert(task, raws, rows)

@@ -42,7 +42,7 @@ def small_units(monkeypatch):
 
 
 # The methods of the published many-model recipes (TIES-SOUP, TSD, Model Stock) and the plain mean.
-@pytest.mark.parametrize("method", ["weighted_sum", "ties_soup", "tsd", "model_stock"])
+@pytest.mark.parametrize("method", ["weighted_sum", "ties_soup", "tsd", "model_stock", "ties"])
 def test_forty_models_chunked_equals_unchunked(many_sdxl, method, monkeypatch):
     base, models = many_sdxl
     recipe = Recipe(models=[str(p) for p in models], method=method, alpha=1.0,
