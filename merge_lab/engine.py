@@ -395,6 +395,9 @@ class Executor:
                     raise MergeCancelled("merge cancelled; no output written")
                 task = unit.task
                 if task.needs_stats and task.key not in stats:
+                    # Units come key by key: an earlier key's statistics are held only by its own units'
+                    # futures from here on (keeping them all held a whole model's worth of counts).
+                    stats.clear()
                     stats[task.key] = pool.submit(self._statistics, task)
                 window.append((unit, pool.submit(self._compute, unit, stats.get(task.key))))
                 while len(window) >= 2 * plan.threads:
@@ -430,6 +433,9 @@ class Executor:
         step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
         for start in range(0, shape[0], step):
             yield start, min(start + step, shape[0])
+
+    def _slice_count(self, shape: tuple[int, ...]) -> int:
+        return sum(1 for _ in self._slices(shape))
 
     def converted_slices(self, task: KeyTask, rows):
         """(models, base, first row) for each slice of one unit, in the compute dtype (the analysis pass)."""
@@ -497,7 +503,10 @@ class Executor:
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
             for name, value in plan.method.statistics(models, base, ctx, **plan.params).items():
-                sums[name] = sums[name] + value if name in sums else value
+                if name in sums:
+                    sums[name].add_(value)  # in place: per-slice sums were a fragmenting churn of big buffers
+                else:
+                    sums[name] = value.clone()  # ours to add into, whatever the method returned
         return sums
 
     def _stages(self) -> int:
@@ -519,7 +528,10 @@ class Executor:
             for rows in task.chunks:
                 part = self._stage_sums(task, self._read_raw(task, rows), rows[0] if rows else 0, total, stage)
                 for name, value in part.items():
-                    stage_total[name] = stage_total[name] + value if name in stage_total else value
+                    if name in stage_total:
+                        stage_total[name].add_(value)
+                    else:
+                        stage_total[name] = value
             total.update(stage_total)
         return total
 
@@ -543,7 +555,10 @@ class Executor:
                 self._check_shape(result, models[0], task)
                 return result.to(device="cpu", dtype=out_dtype)
             stats = stats_future.result() if stats_future is not None else None
-            if stats is None and method.needs_statistics(plan.params, task.shape):
+            whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape)) == 1
+            if stats is None and not whole_slice and method.needs_statistics(plan.params, task.shape):
+                # the method sees only slices: give it the whole tensor's statistics first. (A tensor
+                # merged in one slice needs none: the method sees all of it.)
                 stats = self._in_memory_statistics(task, raws, first_row)
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
             for rows in self._slices(tuple(raws[0].shape)):
