@@ -21,7 +21,8 @@ from merge_lab.errors import MergeCancelled, MergeLabError
 from merge_lab.recipe import Recipe
 
 from . import analysis_view
-from .backend import Backend, Busy
+from .backend import Backend, Busy, HostLoadError
+from .model_catalog import recipe_sources
 
 API_PREFIX = "/merge-lab/v1"
 
@@ -66,7 +67,7 @@ def merge_request(body: Any, backend: Backend) -> dict[str, Any]:
                     raise ApiError(409, f"{os.path.basename(recipe.out)} exists in the model folder; "
                                         "choose another name")
                 result = merge_to_file(recipe, cancel=cancel)
-                backend.after_save(result.out)
+                backend.after_save(result.out, recipe_sources(recipe))
                 return {
                     "action": "saved",
                     "recipe_hash": result.fingerprint,
@@ -91,6 +92,8 @@ def merge_request(body: Any, backend: Backend) -> dict[str, Any]:
         raise ApiError(409, str(e)) from None
     except MergeCancelled as e:
         raise ApiError(409, str(e)) from None
+    except HostLoadError as e:
+        raise ApiError(500, str(e)) from None
     except MergeLabError as e:
         raise ApiError(400, str(e)) from None
 

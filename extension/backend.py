@@ -17,7 +17,7 @@ from typing import Any
 from merge_lab.errors import MergeLabError, RecipeError
 from merge_lab.recipe import Recipe
 
-from .model_catalog import output_file, resolve_in_folders, scan_folders
+from .model_catalog import output_file, place_config_beside, resolve_in_folders, scan_folders
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -46,6 +46,11 @@ class PreviewResult:
 
 class PreviewUnavailable(MergeLabError):
     """Previews cannot be rendered here (e.g. the preview extra is not installed)."""
+
+
+class HostLoadError(MergeLabError):
+    """The web UI refused the merged weights (its model could not be built from them); its previous model
+    stays loaded."""
 
 
 class Busy(RecipeError):
@@ -104,8 +109,9 @@ class Backend:
     def output_path(self, name: str) -> str:
         raise NotImplementedError
 
-    def after_save(self, path: str) -> None:
-        """Called after a merge was written (the host refreshes its checkpoint list)."""
+    def after_save(self, path: str, sources: Sequence[str] = ()) -> None:
+        """Called after a merge was written from `sources` (its input paths, first model first): the model's
+        config goes beside it and the model list is refreshed."""
 
     def preview_available(self) -> str | None:
         """None when previews work here, else a one-line reason."""
@@ -155,5 +161,6 @@ class FolderBackend(Backend):
     def output_path(self, name: str) -> str:
         return output_file(name, self.output_folder)
 
-    def after_save(self, path: str) -> None:
+    def after_save(self, path: str, sources: Sequence[str] = ()) -> None:
+        place_config_beside(path, sources)
         self.model_names(refresh=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -48,16 +49,31 @@ def update_value(result: Any) -> Any:
     return result.get("value") if is_update(result) else result
 
 
+def _signature_target(listener):
+    # Forge wraps every event in an EventWrapper(*args, **kwargs) that hides the real signature; its
+    # `replaced_event` is gradio's own listener.
+    while hasattr(listener, "replaced_event"):
+        listener = listener.replaced_event
+    return listener
+
+
 def on(component_obj, event: str, fn: Callable, inputs, outputs, **kwargs):
     """Attach `fn` to `component_obj.<event>`; keywords the event does not accept are dropped."""
     listener = getattr(component_obj, event)
     try:
-        params = inspect.signature(listener).parameters
+        params = inspect.signature(_signature_target(listener)).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             kwargs = {k: v for k, v in kwargs.items() if k in params}
     except (TypeError, ValueError):
         pass
-    return listener(fn, inputs=inputs, outputs=outputs, **kwargs)
+    while True:  # a listener whose signature still hides its keywords: drop the ones it refuses
+        try:
+            return listener(fn, inputs=inputs, outputs=outputs, **kwargs)
+        except TypeError as e:
+            refused = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if refused is None or refused.group(1) not in kwargs:
+                raise
+            kwargs.pop(refused.group(1))
 
 
 def has_event(component_obj, event: str) -> bool:

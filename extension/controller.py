@@ -39,6 +39,7 @@ from .form import (
     values_text,
     visible_blocks,
 )
+from .model_catalog import recipe_sources
 
 GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=...)
 
@@ -211,7 +212,7 @@ class TabController:
             with self.job("a merge") as cancel:
                 result = merge_to_file(recipe, progress=self._progress_adapter(progress, "merging"), cancel=cancel,
                                        recipe_metadata=bool(form.get("recipe_metadata", True)))
-            self.backend.after_save(result.out)
+            self.backend.after_save(result.out, recipe_sources(recipe))
         except MergeCancelled:
             return {"status": "merge cancelled; nothing was written"}
         except MergeLabError as e:

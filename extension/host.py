@@ -48,8 +48,8 @@ from merge_lab.errors import MergeLabError, RecipeError
 from merge_lab.presets import presets
 from merge_lab.recipe import RATIO_RANGE, Recipe
 
-from .backend import Backend, PreviewResult, PreviewSettings, ProgressFn
-from .model_catalog import output_file, resolve_in_folders
+from .backend import Backend, HostLoadError, PreviewResult, PreviewSettings, ProgressFn
+from .model_catalog import output_file, place_config_beside, recipe_sources, resolve_in_folders
 
 TAB_TITLE = "Merge Lab"
 TAB_ID = "merge_lab"
@@ -222,7 +222,8 @@ class HostBackend(Backend):
     def output_path(self, name: str) -> str:
         return output_file(name, self.sd_models.model_path)
 
-    def after_save(self, path: str) -> None:
+    def after_save(self, path: str, sources=()) -> None:
+        place_config_beside(path, sources)
         self.model_names(refresh=True)
 
     # ---- previews ------------------------------------------------------------------------------------
@@ -286,10 +287,25 @@ class HostBackend(Backend):
                 info = self._virtual_info(plan, self._virtual_filename(plan))
                 payload = merge_to_state_dict(recipe, plan=plan, progress=progress, cancel=cancel).state_dict
                 self.stats["merges"] += 1
+            # The host builds the model from the .yaml beside its file, when there is one: the merge's is
+            # its first model's (a v-prediction or tiny model would otherwise be built as a plain SD1).
+            place_config_beside(info.filename, recipe_sources(recipe))
         finally:
             plan.close()
+        if as_current:  # the running model's recipe is what the X/Y/Z axes vary (tab preview, HTTP route)
+            self.xyz_recipe = recipe
+        previous = getattr(self.shared.opts, "data", {}).get("sd_model_checkpoint")
         self._register(info)
-        self._activate(info, payload, as_current=as_current, lock=lock)
+        try:
+            self._activate(info, payload, as_current=as_current, lock=lock)
+        except Exception as e:  # the host could not build its model from the merge; it keeps the old one
+            self._unregister(info)
+            self.virtual.pop(fingerprint, None)
+            if previous is not None:
+                self.shared.opts.data["sd_model_checkpoint"] = previous
+            first = str(e).strip().splitlines()[:2]
+            raise HostLoadError(f"the web UI could not load the merged weights: {type(e).__name__}: "
+                                f"{' '.join(line.strip() for line in first)[:300]}") from None
         return info
 
     def _virtual_filename(self, plan: MergePlan) -> str:

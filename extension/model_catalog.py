@@ -85,3 +85,34 @@ def names_for(paths: Iterable[str], listed: dict[str, str]) -> list[str]:
     """The listed names of `paths` (for showing a recipe loaded from metadata)."""
     by_path = {os.path.normpath(p): n for n, p in listed.items()}
     return [by_path.get(os.path.normpath(p), os.path.basename(p)) for p in paths]
+
+
+def recipe_sources(recipe) -> list[str]:
+    """The input paths of a recipe, its models first, then its base."""
+    return [*recipe.models, *([recipe.base] if recipe.base else [])]
+
+
+def config_beside(paths: Iterable[str | os.PathLike]) -> str | None:
+    """The model config (``.yaml``) that sits beside the first of `paths` to have one.
+
+    The web UI builds a model from the ``.yaml`` beside its file when there is one (SD2 v-prediction,
+    inpainting, unusual sizes); a merge takes its config from its first model that has one, as the web UI's own
+    checkpoint merger does ("copy config from A, B or C")."""
+    for path in paths:
+        candidate = Path(path).with_suffix(".yaml")
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def place_config_beside(model_path: str | os.PathLike, sources: Iterable[str | os.PathLike]) -> str | None:
+    """Copy the sources' config beside `model_path` (unless one is there already); returns its path."""
+    import shutil
+
+    config = config_beside(sources)
+    target = Path(model_path).with_suffix(".yaml")
+    if config is None or target.exists() or os.path.realpath(config) == os.path.realpath(target):
+        return str(target) if target.exists() else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, target)
+    return str(target)

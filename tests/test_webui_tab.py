@@ -211,3 +211,36 @@ def test_analyze_shows_the_engines_theta_per_block(tab, models_dir):
     row = out["theta_table"].split("<th>IN04</th>")[1].split("</tr>")[0]
     assert f"{in04.angles[0]:.1f}°" in row and format_angle(in04.angles[0])
     assert out["heatmap"].size[0] > 100 and out["heatmap"].size[1] > 100
+
+
+def test_events_behind_forges_wrapper_get_only_the_keywords_gradio_takes():
+    """Forge wraps every gradio event in EventWrapper(*args, **kwargs), which hides the listener's signature;
+    passing it a keyword of another gradio version (api_visibility) made the tab fail to build in Forge."""
+    from merge_lab_extension import compat
+
+    received = {}
+
+    def gradio4_click(fn, inputs=None, outputs=None, queue=None, show_progress="full"):  # no **kwargs
+        received.update(fn=fn, queue=queue, show_progress=show_progress)
+        return "dependency"
+
+    class EventWrapper:  # the shape of Forge's modules/gradio_extensions.EventWrapper
+        def __init__(self, replaced_event):
+            self.replaced_event = replaced_event
+
+        def __call__(self, *args, **kwargs):
+            return self.replaced_event(*args, **kwargs)
+
+    class Button:
+        click = EventWrapper(gradio4_click)
+
+    class Opaque:  # forwards **kwargs with no trace of the real listener: refused keywords are dropped
+        @staticmethod
+        def click(*args, **kwargs):
+            return gradio4_click(*args, **kwargs)
+
+    for component in (Button(), Opaque()):
+        received.clear()
+        assert compat.on(component, "click", print, [], [], queue=False, api_visibility="undocumented",
+                         show_api=False) == "dependency"
+        assert received == {"fn": print, "queue": False, "show_progress": "full"}
