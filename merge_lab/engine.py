@@ -276,7 +276,7 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
             task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
         raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
-        if not elementwise:
+        if not elementwise or plan.method.keeps_whole(task.shape):
             continue  # whole tensors: the method needs all of it at once
         needs_stats = plan.method.needs_statistics(plan.params, task.shape)
         fits_whole = task.numel * raw <= share
@@ -419,9 +419,10 @@ class Executor:
             raws.append(t.pin_memory() if self.pin else t)
         return raws
 
-    def _slices(self, shape: tuple[int, ...]):
-        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors)."""
-        if not shape:
+    def _slices(self, shape: tuple[int, ...], whole: bool = False):
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors, and for
+        tensors the method needs whole)."""
+        if not shape or whole:
             yield None
             return
         row = math.prod(shape[1:]) or 1
@@ -486,7 +487,7 @@ class Executor:
     def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
         plan = self.plan
         writable = self._owns_converted(raws)
-        for rows in self._slices(tuple(raws[0].shape)):
+        for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
             part = plan.method.statistics(models, base, self._context(task, offset, writable=writable),
@@ -525,7 +526,7 @@ class Executor:
             if stats is None and method.needs_statistics(plan.params, task.shape):
                 stats = self._accumulate(task, raws, first_row, {})
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
-            for rows in self._slices(tuple(raws[0].shape)):
+            for rows in self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)):
                 models, base = self._convert(task, raws, rows)
                 offset = first_row + (rows[0] if rows else 0)
                 ctx = self._context(task, offset, stats, writable)
