@@ -8,6 +8,7 @@ is one pass Σ cᵢxᵢ, so big tensors stream like any elementwise merge and 10
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .model_stock import gram
@@ -18,24 +19,26 @@ from .tensors import linear_combination
 def weiszfeld_coefficients(g: torch.Tensor, weights, eps: float, max_iter: int, tol: float) -> torch.Tensor:
     """cᵢ (summing to 1) of the weighted geometric median Σ cᵢxᵢ of the points whose Gram matrix is g. Starts at
     the weighted mean; stops after max_iter steps or when the objective Σ wᵢ‖xᵢ − m‖ changes by at most
-    tol × its value (sd-mecha's rule)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
+    tol × its value (sd-mecha's rule). N×N arithmetic in float64 numpy: small arrays, no torch overhead."""
+    gram_matrix = g.detach().cpu().double().numpy()
+    diagonal = np.diagonal(gram_matrix)
+    w = np.asarray(weights, dtype=np.float64)
     c = w / w.sum()
 
-    def distances(c: torch.Tensor) -> torch.Tensor:
-        squared = g.diagonal() - 2.0 * (g @ c) + c @ g @ c
-        return squared.clamp(min=0.0).sqrt()
+    def distances(c: np.ndarray) -> np.ndarray:
+        gc = gram_matrix @ c
+        return np.sqrt(np.maximum(diagonal - 2.0 * gc + c @ gc, 0.0))
 
     distance = distances(c)
     objective = float(w @ distance)
     for _ in range(max_iter):
-        v = w / distance.clamp(min=eps)
+        v = w / np.maximum(distance, eps)
         c = v / v.sum()
         distance = distances(c)
         previous, objective = objective, float(w @ distance)
         if abs(previous - objective) <= tol * objective:
             break
-    return c
+    return torch.from_numpy(c)
 
 
 MEDIAN_PARAMS = (

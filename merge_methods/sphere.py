@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .basic import SLERP_COLINEAR_EPS
@@ -109,39 +110,41 @@ def karcher_coefficients(g: torch.Tensor, weights, max_iter: int, tol: float) ->
     the Gram matrix): start from the normalised weighted mean of the unit vectors; at each step move along
     T = Σ wᵢ·θᵢ/sin θᵢ·(uᵢ − cos θᵢ·u) (the mean of the logarithm maps, θᵢ the angle between u and uᵢ) by the
     exponential map; stop after max_iter steps or when ‖T‖ < tol. Zero vectors have no direction: they only
-    count in the norm."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    norms, u_gram = _unit_gram(g)
+    count in the norm. N×N arithmetic in float64 numpy."""
+    w = np.asarray(weights, dtype=np.float64)
+    norms_t, u_gram_t = _unit_gram(g)
+    norms, u_gram = norms_t.numpy(), u_gram_t.numpy()
     valid = norms > 0
-    a = torch.where(valid, w, torch.zeros_like(w))
-    if float(a.sum()) == 0:  # no direction to average (the weighted norm is 0 too)
-        return torch.zeros_like(w)
+    a = np.where(valid, w, 0.0)
+    if a.sum() == 0:  # no direction to average (the weighted norm is 0 too)
+        return torch.zeros(len(w), dtype=torch.float64)
     a = a / a.sum()
-    u = a.clone()  # u = Σ uᵢ·u[i]
-    length = math.sqrt(_quadratic(u_gram, u))
-    if length < tol:
-        u = torch.zeros_like(w)
-        u[int(torch.nonzero(valid)[0])] = 1.0
+
+    def length(c: np.ndarray) -> float:
+        return math.sqrt(max(float(c @ u_gram @ c), 0.0))
+
+    u = a.copy()  # the direction u = Σ u[i]·uᵢ
+    if length(u) < tol:
+        u = np.zeros_like(a)
+        u[int(np.flatnonzero(valid)[0])] = 1.0
     else:
-        u = u / length
+        u = u / length(u)
     for _ in range(max_iter):
-        cosines = (u_gram @ u).clamp(-1.0, 1.0)
-        step = torch.zeros_like(u)
-        for i in torch.nonzero(valid).flatten().tolist():
-            angle = math.acos(float(cosines[i]))
-            if angle < tol:
-                continue
-            step[i] += a[i] * angle / math.sin(angle)
-            step -= a[i] * angle / math.sin(angle) * float(cosines[i]) * u
-        step_norm = math.sqrt(_quadratic(u_gram, step))
+        cosines = np.clip(u_gram @ u, -1.0, 1.0)
+        angles = np.arccos(cosines)
+        moving = valid & (angles >= tol)
+        factors = np.where(moving, a * angles / np.where(moving, np.sin(angles), 1.0), 0.0)
+        step = factors - float(factors @ cosines) * u  # Σ fᵢ(eᵢ − cos θᵢ·u) in the coefficients of the uᵢ
+        step_norm = length(step)
         if step_norm < tol:
             break
         u = math.cos(step_norm) * u + math.sin(step_norm) / step_norm * step
-        length = math.sqrt(_quadratic(u_gram, u))
-        if length > tol:
-            u = u / length
+        norm_u = length(u)
+        if norm_u > tol:
+            u = u / norm_u
     scale = float(w @ norms)
-    return torch.where(valid, scale * u / norms.clamp(min=1e-300), torch.zeros_like(u))
+    beta = np.where(valid, scale * u / np.where(valid, norms, 1.0), 0.0)
+    return torch.from_numpy(beta)
 
 
 @merge_method(
