@@ -32,6 +32,10 @@ from .task_vectors import (
     task_vectors,
     ties_filter_,
     ties_merge,
+    trim_stages,
+    trim_statistics,
+    trim_thresholds,
+    trims_tensor,
     unchanged_base,
 )
 from .tensors import linear_combination
@@ -154,8 +158,13 @@ P_HELP = "drop probability of each task-vector entry (0 keeps all, 1 drops all: 
 RESCALE_HELP = "divide the kept entries by 1 − p (keeps the expected task vector)"
 
 
-def _dare_chunkable(params) -> bool:
-    return params["combine"] == "sum" or params["k"] >= 1
+def _dare_trims(params, shape) -> bool:
+    return params["combine"] == "ties" and trims_tensor(params, shape)
+
+
+def dare_statistics(models, base, ctx: KeyContext, p, rescale, combine, k, election, scale):
+    """The trimming thresholds' radix counts of the dropped task vectors (combine ties with k < 1)."""
+    return trim_statistics(drop_(task_vectors(models, base, ctx), ctx, p, rescale), ctx, k)
 
 
 @merge_method(
@@ -172,7 +181,9 @@ def _dare_chunkable(params) -> bool:
     ),
     base="required",
     randomized=True,
-    elementwise=_dare_chunkable,
+    statistics=dare_statistics,
+    statistics_needed=_dare_trims,
+    statistics_stages=trim_stages,
 )
 def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election, scale):
     _check_p(p)
@@ -182,7 +193,7 @@ def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election,
         return unchanged_base(base, ctx)
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
     if combine == "ties":
-        merged = ties_merge(taus, k, election)
+        merged = ties_merge(taus, k, election, trim_thresholds(ctx, k, len(taus), taus[0].dtype))
     else:
         merged = taus[0]
         for tau in taus[1:]:
@@ -201,14 +212,27 @@ TSD_COMBINE = ("mean", "geometric_median")
 def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter,
                    tol):
     """Gram matrices of the dropped task vectors (for `stock`) and of the sign-filtered ones (for the geometric
-    median); additive over chunks since the masks and the election are elementwise (k = 1)."""
+    median, k = 1 only: with k < 1 that combine merges whole tensors), additive over chunks since the masks
+    and the election are elementwise; and the radix counts of the trimming thresholds (mean, k < 1)."""
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
-    out = {}
-    if stock:
-        out["gram"] = gram(taus)
-    if combine == "geometric_median":
-        out["filtered_gram"] = gram(ties_filter_(taus, k, election))
+    out = trim_statistics(taus, ctx, k) if combine == "mean" else {}
+    if ctx.stage == 0:
+        if stock:
+            # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
+            out["gram"] = gram(taus)
+        if combine == "geometric_median":
+            out["filtered_gram"] = gram(ties_filter_(taus, k, election))
     return out
+
+
+def _tsd_needs_statistics(params, shape) -> bool:
+    return params["stock"] or params["combine"] == "geometric_median" or trims_tensor(params, shape)
+
+
+def _tsd_chunkable(params) -> bool:
+    # The geometric median of trimmed vectors would need the thresholds before its Gram matrix: a further
+    # statistics stage for a rare combination; such tensors are merged whole instead.
+    return params["combine"] == "mean" or params["k"] >= 1
 
 
 @merge_method(
@@ -230,9 +254,10 @@ def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale
     ),
     base="required",
     randomized=True,
-    elementwise=lambda params: params["k"] >= 1,
     statistics=tsd_statistics,
-    statistics_needed=lambda params, shape: params["stock"] or params["combine"] == "geometric_median",
+    elementwise=_tsd_chunkable,
+    statistics_needed=_tsd_needs_statistics,
+    statistics_stages=trim_stages,
     check=_check_tsd,
 )
 def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter, tol):
@@ -250,7 +275,8 @@ def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, st
         if coefficient == 0:
             return unchanged_base(base, ctx)
     if combine == "mean":
-        return apply_to_base(base, ties_merge(taus, k, election), coefficient)
+        thresholds = trim_thresholds(ctx, k, len(taus), taus[0].dtype)
+        return apply_to_base(base, ties_merge(taus, k, election, thresholds), coefficient)
     filtered = ties_filter_(taus, k, election)
     g = stats["filtered_gram"] if "filtered_gram" in stats else gram(filtered)
     median = weiszfeld_coefficients(g, [1.0] * len(filtered), eps, max_iter, tol)

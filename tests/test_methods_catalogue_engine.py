@@ -35,6 +35,7 @@ CASES = [
     ("geometric_median", {}, 3, False, None),
     ("geometric_median", {"max_iter": 50}, 3, True, [1.0, 1.0, 2.0]),
     ("tsd", {"combine": "geometric_median", "p": 0.2}, 3, True, None),
+    ("tsd", {"combine": "geometric_median", "p": 0.2, "k": 0.5}, 3, True, None),  # trims: whole tensors
     ("task_arithmetic", {}, 2, True, [1.0, -1.0]),
     ("ties", {"k": 0.5}, 2, True, [-1.0, 0.5]),
 ]
