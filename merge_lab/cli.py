@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from . import __version__
@@ -26,10 +27,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags whose value may start with a minus sign ("--weights -1,1": negate the first model's task vector).
+NEGATIVE_VALUE_FLAGS = ("--weights",)
+_NEGATIVE_VALUE = re.compile(r"-[\d.][\d.,eE+\s-]*")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """Write `--weights -1,1` as `--weights=-1,1`: argparse takes a value that starts with '-' for an option
+    unless it is one plain negative number, and would answer "expected one argument"."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in NEGATIVE_VALUE_FLAGS and i + 1 < len(argv) and _NEGATIVE_VALUE.fullmatch(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads (the commands import it): OpenMP threads that spin while waiting made previews
     # 20-50x slower on a busy 2-core machine; passive waiting costs next to nothing when it is idle.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

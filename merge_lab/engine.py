@@ -277,7 +277,7 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
             task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
         raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
-        if not elementwise:
+        if not elementwise or plan.method.keeps_whole(task.shape):
             continue  # whole tensors: the method needs all of it at once
         needs_stats = plan.method.needs_statistics(plan.params, task.shape)
         fits_whole = task.numel * raw <= share
@@ -424,9 +424,10 @@ class Executor:
             raws.append(t.pin_memory() if self.pin else t)
         return raws
 
-    def _slices(self, shape: tuple[int, ...]):
-        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors)."""
-        if not shape:
+    def _slices(self, shape: tuple[int, ...], whole: bool = False):
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors, and for
+        tensors the method needs whole)."""
+        if not shape or whole:
             yield None
             return
         row = math.prod(shape[1:]) or 1
@@ -434,8 +435,8 @@ class Executor:
         for start in range(0, shape[0], step):
             yield start, min(start + step, shape[0])
 
-    def _slice_count(self, shape: tuple[int, ...]) -> int:
-        return sum(1 for _ in self._slices(shape))
+    def _slice_count(self, shape: tuple[int, ...], whole: bool = False) -> int:
+        return sum(1 for _ in self._slices(shape, whole))
 
     def converted_slices(self, task: KeyTask, rows):
         """(models, base, first row) for each slice of one unit, in the compute dtype (the analysis pass)."""
@@ -498,7 +499,7 @@ class Executor:
         plan = self.plan
         writable = self._owns_converted(raws)
         sums: dict = {}
-        for rows in self._slices(tuple(raws[0].shape)):
+        for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
@@ -555,13 +556,14 @@ class Executor:
                 self._check_shape(result, models[0], task)
                 return result.to(device="cpu", dtype=out_dtype)
             stats = stats_future.result() if stats_future is not None else None
-            whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape)) == 1
+            whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape),
+                                                                  method.keeps_whole(task.shape)) == 1
             if stats is None and not whole_slice and method.needs_statistics(plan.params, task.shape):
                 # the method sees only slices: give it the whole tensor's statistics first. (A tensor
                 # merged in one slice needs none: the method sees all of it.)
                 stats = self._in_memory_statistics(task, raws, first_row)
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
-            for rows in self._slices(tuple(raws[0].shape)):
+            for rows in self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)):
                 models, base = self._convert(task, raws, rows)
                 offset = first_row + (rows[0] if rows else 0)
                 ctx = self._context(task, offset, stats, writable)

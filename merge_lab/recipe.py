@@ -145,6 +145,10 @@ class Recipe:
             for w in self.weights:
                 if not _finite_number(w):
                     raise RecipeError(f"weight {w!r} is not a finite number")
+            try:
+                method.check_weights(self.weights)
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
         if type(self.seed) is not int or self.seed < 0:
             raise RecipeError(f"seed must be a non-negative integer, got {self.seed!r}")
         for name, value, choices in (("dtype", self.dtype, DTYPE_CHOICES), ("precision", self.precision,

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .registry import KeyContext, merge_method
+from .registry import KeyContext, Param, merge_method
 
 
 @merge_method(
@@ -101,3 +101,29 @@ def slerp(models, base, ratio, ctx: KeyContext):
     coef_a = math.sin((1.0 - t) * omega) / sin_omega / norm_a * scale
     coef_b = math.sin(t * omega) / sin_omega / norm_b * scale
     return a * coef_a + b * coef_b
+
+
+@merge_method(
+    "nearswap",
+    summary="NearSwap: take the other model's entries where they are close to the base's, little of them elsewhere",
+    params=(
+        Param("t", float, 1e-4, "distance up to which an entry is taken from the other model entirely; beyond it "
+                                "the weight falls as t / |other − base|", minimum=0.0),
+    ),
+    base="required",
+    min_models=1,
+    max_models=1,
+    takes_weights=False,
+)
+def nearswap(models, base, ratio, ctx: KeyContext, t):
+    """θ = base + α_b·w·(other − base), w = min(1, t / |other − base|) per entry (1 where they are equal):
+    close entries are swapped for the other model's, distant ones barely move. α_b = 0 gives the base."""
+    (other,) = models
+    if ratio == 0:
+        return base if ctx.inputs_writable else base.clone()
+    difference = other.sub_(base) if ctx.inputs_writable and other.is_contiguous() else other - base
+    distance = difference.abs()
+    weight = torch.where(distance <= t, 1.0, t / distance)  # t/0 never used: 0 <= t
+    if ratio != 1:
+        weight.mul_(ratio)
+    return difference.mul_(weight).add_(base)

@@ -1,4 +1,4 @@
-"""Random drop methods: DARE and TSD ("TIES-SOUP with DROP").
+"""Random drop methods: DARE and TSD ("TIES-SOUP with DROP", and TGMD: its geometric-median variant).
 
 Drop masks are reproducible bit for bit whatever the thread count, key order, device or chunking: the
 flat index space of each (key, model) is cut into fixed blocks of 2**16 elements, and block j draws
@@ -19,6 +19,7 @@ import threading
 
 import torch
 
+from .median import MEDIAN_PARAMS, weiszfeld_coefficients
 from .model_stock import gram, model_stock_t
 from .registry import KeyContext, Param, merge_method
 from .task_vectors import (
@@ -29,6 +30,7 @@ from .task_vectors import (
     apply_to_base,
     check_k,
     task_vectors,
+    ties_filter_,
     ties_merge,
     trim_stages,
     trim_statistics,
@@ -36,10 +38,11 @@ from .task_vectors import (
     trims_tensor,
     unchanged_base,
 )
+from .tensors import linear_combination
 
 MASK_BLOCK = 1 << 16
-# Per thread: model index -> ((seed, key, block, p), keep mask of that block). A memo, not state: the
-# masks are a pure function of their identity.
+# Per thread: model index -> ((seed, key, block, p), keep mask of that block), and the same for the raw
+# uniform draws (DELLA). A memo, not state: the masks are a pure function of their identity.
 _last_block = threading.local()
 
 
@@ -65,18 +68,59 @@ def _mask_blocks(ctx: KeyContext, model_index: int, count: int, p: float):
         yield lo - first, hi - first, keep[lo - block_start:hi - block_start]
 
 
-def _block_keep(seed: int, key: str, model_index: int, block: int, length: int, p: float) -> torch.Tensor:
-    memo = getattr(_last_block, "masks", None)
+def _draw(seed: int, key: str, model_index: int, block: int, length: int) -> torch.Tensor:
+    """The uniform draws u ∈ [0, 1) of one mask block (float32, CPU)."""
+    generator = torch.Generator().manual_seed(mask_seed(seed, key, model_index, block))
+    return torch.rand(length, generator=generator)
+
+
+def _memo(name: str) -> dict:
+    memo = getattr(_last_block, name, None)
     if memo is None:
-        memo = _last_block.masks = {}
+        memo = {}
+        setattr(_last_block, name, memo)
+    return memo
+
+
+def _block_keep(seed: int, key: str, model_index: int, block: int, length: int, p: float) -> torch.Tensor:
+    memo = _memo("masks")
     identity = (seed, key, block, length, p)
     hit = memo.get(model_index)
     if hit is not None and hit[0] == identity:
         return hit[1]
-    generator = torch.Generator().manual_seed(mask_seed(seed, key, model_index, block))
-    keep = torch.rand(length, generator=generator) >= p
+    keep = _draw(seed, key, model_index, block, length) >= p
     memo[model_index] = (identity, keep)
     return keep
+
+
+def _block_uniform(seed: int, key: str, model_index: int, block: int, length: int) -> torch.Tensor:
+    memo = _memo("draws")
+    identity = (seed, key, block, length)
+    hit = memo.get(model_index)
+    if hit is not None and hit[0] == identity:
+        return hit[1]
+    draws = _draw(seed, key, model_index, block, length)
+    memo[model_index] = (identity, draws)
+    return draws
+
+
+def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor:
+    """The uniform draws (float32, CPU, flat) behind the drop masks of `count` elements starting at flat index
+    ctx.offset of the whole tensor: the keep mask of DARE with probability p is exactly ``draws >= p``, and
+    methods with a drop probability per element (DELLA) compare the same draws with their own thresholds."""
+    total = ctx.numel
+    first, last = ctx.offset, ctx.offset + count
+    if last > total:
+        raise ValueError(f"chunk [{first}, {last}) lies outside the tensor of {total} elements")
+    parts = []
+    for block in range(first // MASK_BLOCK, (last - 1) // MASK_BLOCK + 1) if count else ():
+        block_start = block * MASK_BLOCK
+        length = min(MASK_BLOCK, total - block_start)
+        draws = _block_uniform(ctx.seed, ctx.key, model_index, block, length)
+        parts.append(draws[max(first, block_start) - block_start:min(last, block_start + length) - block_start])
+    if not parts:
+        return torch.zeros(0)
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts)  # never hand out the memo itself
 
 
 def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
@@ -162,19 +206,33 @@ def _check_tsd(params, n_models: int) -> None:
         raise ValueError(f"tsd with stock=true needs at least 2 fine-tuned models besides the base, got {n_models}")
 
 
-def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale, stock):
-    """Gram matrix of the dropped task vectors (for `stock`; additive over chunks since masks are), and
-    the radix counts of their trimming thresholds (k < 1)."""
+TSD_COMBINE = ("mean", "geometric_median")
+
+
+def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter,
+                   tol):
+    """Gram matrices of the dropped task vectors (for `stock`) and of the sign-filtered ones (for the geometric
+    median, k = 1 only: with k < 1 that combine merges whole tensors), additive over chunks since the masks
+    and the election are elementwise; and the radix counts of the trimming thresholds (mean, k < 1)."""
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
-    out = trim_statistics(taus, ctx, k)
-    if stock and ctx.stage == 0:
-        # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
-        out["gram"] = gram(taus)
+    out = trim_statistics(taus, ctx, k) if combine == "mean" else {}
+    if ctx.stage == 0:
+        if stock:
+            # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
+            out["gram"] = gram(taus)
+        if combine == "geometric_median":
+            out["filtered_gram"] = gram(ties_filter_(taus, k, election))
     return out
 
 
 def _tsd_needs_statistics(params, shape) -> bool:
-    return params["stock"] or trims_tensor(params, shape)
+    return params["stock"] or params["combine"] == "geometric_median" or trims_tensor(params, shape)
+
+
+def _tsd_chunkable(params) -> bool:
+    # The geometric median of trimmed vectors would need the thresholds before its Gram matrix: a further
+    # statistics stage for a rare combination; such tensors are merged whole instead.
+    return params["combine"] == "mean" or params["k"] >= 1
 
 
 @merge_method(
@@ -188,15 +246,21 @@ def _tsd_needs_statistics(params, shape) -> bool:
         SCALE,
         Param("stock", bool, False, "multiply λ by the Model Stock t of the dropped task vectors, per tensor "
                                     "(TIES-STOCK)"),
+        Param("combine", str, "mean", "mean: the disjoint mean of the entries that agree with the elected sign "
+                                      "(TIES); geometric_median: the geometric median of the sign-filtered task "
+                                      "vectors, each tensor one point (TGMD)", choices=TSD_COMBINE),
+        *(Param(q.name, q.kind, q.default, "combine geometric_median: " + q.help, q.choices, q.minimum, q.maximum)
+          for q in MEDIAN_PARAMS),
     ),
     base="required",
     randomized=True,
     statistics=tsd_statistics,
+    elementwise=_tsd_chunkable,
     statistics_needed=_tsd_needs_statistics,
     statistics_stages=trim_stages,
     check=_check_tsd,
 )
-def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock):
+def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter, tol):
     _check_p(p)
     check_k(k)
     _check_tsd({"stock": stock}, len(models))
@@ -204,11 +268,16 @@ def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, st
     if coefficient == 0 or p >= 1 or k == 0:
         return unchanged_base(base, ctx)
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
+    stats = ctx.stats or {}
     if stock:
-        stats = ctx.stats or {}
         # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
         coefficient *= float(model_stock_t(stats["gram"] if "gram" in stats else gram(taus)))
         if coefficient == 0:
             return unchanged_base(base, ctx)
-    return apply_to_base(base, ties_merge(taus, k, election, trim_thresholds(ctx, k, len(taus), taus[0].dtype)),
-                         coefficient)
+    if combine == "mean":
+        thresholds = trim_thresholds(ctx, k, len(taus), taus[0].dtype)
+        return apply_to_base(base, ties_merge(taus, k, election, thresholds), coefficient)
+    filtered = ties_filter_(taus, k, election)
+    g = stats["filtered_gram"] if "filtered_gram" in stats else gram(filtered)
+    median = weiszfeld_coefficients(g, [1.0] * len(filtered), eps, max_iter, tol)
+    return apply_to_base(base, linear_combination(filtered, median.tolist()), coefficient)

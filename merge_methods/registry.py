@@ -119,10 +119,16 @@ class MergeMethod:
     randomized: bool = False  # uses seeded drop masks, so the seed is part of the result
     # False when the method takes no per-model weights (the recipe's `weights` are then refused).
     takes_weights: bool = True
+    # True when the weights are barycentric (an average's weights): none negative, not all 0. Otherwise a
+    # negative weight is allowed (task negation in the task-vector methods).
+    nonnegative_weights: bool = False
     # True when the result on any range of rows equals the same rows of the whole-tensor result given the
     # same ctx.stats: the engine may then split big tensors into chunks of rows. A callable of the
     # normalized params when that depends on them (TIES trimming with k < 1 needs the whole tensor).
     elementwise: bool | Callable[[Mapping[str, Any]], bool] = True
+    # True when the method works on whole rows and treats a 1-D tensor as one row (DELLA's ranks, NuSLERP
+    # per row): the engine then never splits a 1-D tensor (rows of other tensors are never split anyway).
+    whole_1d: bool = False
     # Optional additive whole-tensor statistics: statistics(models, base, ctx, **params) -> dict of float64
     # tensors whose sums over row chunks equal the whole-tensor value. The method reads them from ctx.stats.
     statistics: Callable[..., dict[str, torch.Tensor]] | None = None
@@ -161,6 +167,10 @@ class MergeMethod:
         """Whether the engine may split a tensor into chunks of rows for these (normalized) params."""
         return bool(self.elementwise(params) if callable(self.elementwise) else self.elementwise)
 
+    def keeps_whole(self, shape: Sequence[int]) -> bool:
+        """Whether a tensor of this shape must reach the method whole, even when the method is chunkable."""
+        return self.whole_1d and len(shape) <= 1
+
     def needs_statistics(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
         """Whether a chunked run of a tensor of this shape needs the whole-tensor statistics first."""
         if self.statistics is None:
@@ -172,6 +182,11 @@ class MergeMethod:
 
     def uses_block_statistics(self, params: Mapping[str, Any]) -> bool:
         return self.needs_block_statistics is not None and bool(self.needs_block_statistics(params))
+
+    def check_weights(self, weights: Sequence[float]) -> None:
+        if self.nonnegative_weights and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError(f"method {self.name} takes barycentric weights: none negative, not all 0 "
+                             f"(got {', '.join(f'{w:g}' for w in weights)})")
 
     def check_inputs(self, n_models: int, has_base: bool, has_weights: bool = False) -> None:
         if has_weights and not self.takes_weights:

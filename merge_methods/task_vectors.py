@@ -209,6 +209,27 @@ def ties_merge(taus: list[torch.Tensor], k: float, election: str,
     return merged.div_(count.clamp_(min=1))
 
 
+def ties_filter_(taus: list[torch.Tensor], k: float, election: str) -> list[torch.Tensor]:
+    """TIES without the mean, on task vectors that are ours to overwrite: trim each to its top-k fraction,
+    elect a sign per entry, and zero every entry that disagrees with it (all of them where the sign is 0).
+    What remains are the points a TIES variant combines (the geometric median of TSD's `combine`)."""
+    for tau in taus:
+        trim_(tau, k)
+    if election == "mass":
+        votes = taus[0].clone()
+        for tau in taus[1:]:
+            votes.add_(tau)
+    else:
+        votes = torch.sign(taus[0])
+        for tau in taus[1:]:
+            votes.add_(torch.sign(tau))
+    sign = votes.sign_()
+    scratch = torch.empty_like(taus[0])
+    for tau in taus:
+        tau.mul_(torch.sign(tau, out=scratch).eq_(sign))
+    return taus
+
+
 def check_k(k: float) -> None:
     if not 0.0 <= k <= 1.0:
         raise ValueError(f"k must be in [0, 1], got {k}")

@@ -34,7 +34,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
                    help="one block's ratio (IN04, M00, OUT11, TIME, OUT, VAE, TE1, TE2, BASE); repeatable")
     p.add_argument("--param", action="append", type=_name_value, metavar="NAME=VALUE",
                    help="method hyper-parameter; repeatable")
-    p.add_argument("--weights", help="comma-separated per-model weights")
+    p.add_argument("--weights", help="comma-separated per-model weights; in task-vector methods a negative "
+                                     "weight subtracts that model's task vector (--weights 1,-1)")
     p.add_argument("--seed", type=int, help="seed of the drop masks (default 0)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the first model's)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help="compute dtype (default float32)")
