@@ -30,9 +30,9 @@ from ._own import methods
 from .arch import MODELSPEC_ARCH, Architecture, detect
 from .blocks import block_of, parse_values, resolve_ratios
 from .checkpoint import open_checkpoint
-from .errors import MergeCancelled, MergeLabError, RecipeError
+from .errors import CheckpointError, MergeCancelled, MergeLabError, RecipeError
 from .hashing import autov2, legacy_hash, remember_sha256, sha256_file
-from .recipe import Recipe, parse_size
+from .recipe import Recipe, check_output_path, parse_size
 from .safetensors_io import DTYPES, ITEMSIZE, OutputEntry, SafetensorsWriter
 
 DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -126,6 +126,12 @@ class MergePlan:
             "recipe_hash": self.fingerprint,
         }
         return {k: v for k, v in record.items() if v is not None}
+
+
+def _nonfinite_message(t: torch.Tensor, rows: tuple[int, int] | None) -> str:
+    counts = f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf"
+    where = f" in rows {rows[0]}-{rows[1] - 1}" if rows is not None else ""
+    return f"holds NaN/inf values ({counts}{where}); use --nonfinite take-first or --nonfinite zero to merge anyway"
 
 
 def _dtype_flag(dtype: str) -> str:
@@ -272,8 +278,15 @@ def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, in
 
 def _hash_inputs(inputs: list[Input]) -> dict[str, str]:
     paths = sorted({inp.path for inp in inputs})
+
+    def one(path: str) -> str:
+        try:
+            return sha256_file(path)
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from None
+
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1)) as pool:
-        return dict(zip(paths, pool.map(sha256_file, paths)))
+        return dict(zip(paths, pool.map(one, paths)))
 
 
 def fingerprint(plan: MergePlan) -> str:
@@ -380,22 +393,29 @@ class Executor:
         for inp in plan.inputs:
             raw = self._read(inp, task.key, rows)
             tensors.append(raw.to(device=device, dtype=dtype, non_blocking=True))
-        tensors = self._check_finite(task, tensors)
+        tensors = self._check_finite(task, tensors, rows)
         models = tensors[: len(plan.models)]
         base = tensors[len(plan.models)] if plan.base else None
         return models, base
 
-    def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor], rows=None) -> list[torch.Tensor]:
+        """Apply the `nonfinite` policy to the inputs of one key (or chunk), in input order.
+
+        error: raise, naming the first input (file) that holds NaN/inf and the key;
+        take-first: a NaN/inf of a later input takes the first model's value at that element, and where
+        that is not finite either (or in the first model itself) 0;
+        zero: every NaN/inf becomes 0.
+        """
         plan = self.plan
+        # A finite sum proves every element finite (NaN and ±inf propagate); only then is the full mask needed.
         bad = [i for i, t in enumerate(tensors) if not bool(torch.isfinite(t.sum())) and
                not bool(torch.isfinite(t).all())]
         if not bad:
             return tensors
         policy = plan.recipe.nonfinite
         if policy == "error":
-            inp = plan.inputs[bad[0]]
-            raise MergeLabError("holds NaN or inf values; use --nonfinite take-first or zero to merge anyway",
-                                path=inp.path, key=task.key)
+            i = bad[0]
+            raise MergeLabError(_nonfinite_message(tensors[i], rows), path=plan.inputs[i].path, key=task.key)
         first = tensors[0]
         out = list(tensors)
         for i in bad:
@@ -406,6 +426,16 @@ class Executor:
             t[~torch.isfinite(t)] = 0
             out[i] = t
         return out
+
+    def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor, rows=None) -> torch.Tensor:
+        """A copied key (never merged, or missing elsewhere) has one source: NaN/inf in it is an error, or
+        0 under take-first and zero (the source is the first model that has it)."""
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            return tensor
+        if self.plan.recipe.nonfinite == "error":
+            raise MergeLabError(_nonfinite_message(tensor, rows), path=self.plan.inputs[task.source].path,
+                                key=task.key)
+        return torch.where(torch.isfinite(tensor), tensor, torch.zeros((), dtype=tensor.dtype))
 
     def _context(self, task: KeyTask, rows, stats=None):
         M = methods()
@@ -429,8 +459,12 @@ class Executor:
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
         if task.action == "copy":
-            t = plan.inputs[task.source].reader.read(task.key, unit.rows)
-            return t if t.dtype == out_dtype else t.to(out_dtype)
+            t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows), unit.rows)
+            out = t if t.dtype == out_dtype else t.to(out_dtype)
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "
+                                    "--dtype fp32", path=plan.inputs[task.source].path, key=task.key)
+            return out
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
         models, base = self._load_inputs(task, unit.rows)
@@ -442,7 +476,13 @@ class Executor:
             raise MergeLabError(f"{plan.method.name}: {e}", key=task.key) from None
         if result.shape != models[0].shape:
             raise RuntimeError(f"{plan.method.name} returned shape {tuple(result.shape)} for {task.key}")
-        return result.to(device="cpu", dtype=out_dtype)
+        out = result.to(device="cpu", dtype=out_dtype)
+        # Finite inputs can still give inf: a value beyond the output dtype's range (fp16: 65504), or a
+        # method dividing by ~0. Writing it would silently break the model.
+        if not bool(torch.isfinite(out).all()):
+            raise MergeLabError(f"the merged value is NaN or inf (beyond the range of {task.out_dtype}?); use "
+                                "--dtype fp32 or smaller ratios", key=task.key)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,7 +514,10 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
         sha = plan.hashes.get(inp.path)
         if not sha:
             continue
-        entry: dict[str, Any] = {"name": inp.name, "legacy_hash": legacy_hash(inp.path)}
+        try:
+            entry: dict[str, Any] = {"name": inp.name, "legacy_hash": legacy_hash(inp.path)}
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path=inp.path) from None
         own = inp.reader.metadata.get("sd_merge_recipe")
         if own:
             with contextlib.suppress(ValueError):
@@ -506,6 +549,7 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
     plan = plan or prepare(recipe)
     try:
         out = Path(recipe.out)
+        check_output_path(out, [inp.path for inp in plan.inputs])  # also when the plan came from elsewhere
         writer = SafetensorsWriter(out, plan.output_entries(), build_metadata(plan, out.stem))
         with writer:
             Executor(plan, progress, cancel).run(writer.write)
