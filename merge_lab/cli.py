@@ -12,7 +12,7 @@ import threading
 from . import __version__
 from .errors import MergeLabError, one_line_path
 
-COMMANDS = ["info", "merge", "batch", "methods", "presets", "demo"]
+COMMANDS = ["info", "merge", "batch", "methods", "presets", "analyze", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

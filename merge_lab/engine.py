@@ -32,6 +32,7 @@ from .blocks import block_of, parse_values, resolve_ratios
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError, MergeCancelled, MergeLabError, RecipeError
 from .hashing import autov2, legacy_hash, remember_sha256, sha256_file
+from .presets import names_preset, preset_values
 from .recipe import Recipe, check_output_path, parse_size
 from .safetensors_io import DTYPES, ITEMSIZE, OutputEntry, SafetensorsWriter
 
@@ -128,10 +129,20 @@ class MergePlan:
         return {k: v for k, v in record.items() if v is not None}
 
 
-def _nonfinite_message(t: torch.Tensor, rows: tuple[int, int] | None) -> str:
-    counts = f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} inf"
-    where = f" in rows {rows[0]}-{rows[1] - 1}" if rows is not None else ""
-    return f"holds NaN/inf values ({counts}{where}); use --nonfinite take-first or --nonfinite zero to merge anyway"
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A sum is one fast pass without a mask, and NaN / inf propagate
+    through it; only when it is not finite (or merely overflows) is the element-wise test needed."""
+    if not t.is_floating_point():
+        return True
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite_message(inp: Input, key: str) -> str:
+    """Counted over the whole tensor (the error path reads it once more), whatever unit found the first."""
+    t = inp.reader.read(key)
+    return (f"holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} inf values (of {t.numel()}); "
+            "use --nonfinite take-first or --nonfinite zero to merge anyway")
 
 
 def _dtype_flag(dtype: str) -> str:
@@ -193,9 +204,7 @@ def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
     spec = recipe.blocks
     if spec is None or spec == "":
         return None
-    if isinstance(spec, str) and not any(c.isdigit() for c in spec.split(",")[0]):
-        from .presets import preset_values
-
+    if names_preset(spec):
         return preset_values(spec.strip(), arch)
     return parse_values(spec)
 
@@ -248,23 +257,40 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
     return tasks
 
 
+# Work is cut in two levels. A *unit* (a key, or a range of its rows) is what a worker reads and writes
+# at once: at most UNIT_MAX_ELEMENTS, so raw buffers stay small enough for the allocator to recycle
+# instead of page-faulting fresh memory for every key. Inside a unit the method runs on row-aligned
+# *slices* of about SLICE_ELEMENTS, converted to the compute dtype one slice at a time, so that the
+# method's temporaries stay in the CPU caches.
+UNIT_MAX_ELEMENTS = 1 << 23
+SLICE_ELEMENTS = 1 << 18
+# ...but the converted inputs of one slice together stay near this size, however many models there are.
+SLICE_BYTES = 4 << 20
+MIN_SLICE_ELEMENTS = 1 << 14
+
+
+def _is_elementwise(method, params) -> bool:
+    return method.chunkable(params)
+
+
 def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
-    """Split big tensors into row chunks so that the chunks in flight stay within the memory budget."""
-    n_inputs = len(plan.inputs)
-    compute_size = torch.empty((), dtype=plan.compute_dtype).element_size()
-    # Each input is held raw and converted, plus ~3 compute-size temporaries for the method's result.
-    per_element = n_inputs * (4 + compute_size) + 3 * compute_size
+    """Split keys into units so that the units in flight stay within the memory budget."""
     in_flight = 2 * plan.threads
-    elements_per_chunk = max(1, plan.budget // (in_flight * per_element))
+    share = max(1, plan.budget // in_flight)
+    elementwise = _is_elementwise(plan.method, plan.params)
     for task in tasks:
         if task.action == "copy":
-            per_copy = max(1, plan.budget // (in_flight * 8))
-            task.chunks = _row_chunks(task.shape, per_copy)
+            task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
-        if not plan.method.elementwise:
-            continue
-        task.chunks = _row_chunks(task.shape, elements_per_chunk)
-        task.needs_stats = len(task.chunks) > 1 and plan.method.statistics is not None
+        raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
+        if not elementwise:
+            continue  # whole tensors: the method needs all of it at once
+        needs_stats = plan.method.needs_statistics(plan.params, task.shape)
+        fits_whole = task.numel * raw <= share
+        if needs_stats and fits_whole:
+            continue  # one unit, statistics gathered in memory before the slices are merged
+        task.chunks = _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw)))
+        task.needs_stats = len(task.chunks) > 1 and needs_stats
 
 
 def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int] | None]:
@@ -338,6 +364,13 @@ def _units(plan: MergePlan):
             yield Unit(task, rows, count * item * len(sources) * factor)
 
 
+def _one_torch_thread() -> None:
+    # We parallelize over units ourselves; torch's intra-op threads on top of that oversubscribe the
+    # cores, and on a busy machine its barrier waits made a one-worker merge 4x slower. The setting is
+    # per thread, so the host's own threads keep theirs.
+    torch.set_num_threads(1)
+
+
 class Executor:
     """Runs a plan on a thread pool; results go to `sink(key, tensor)` in output order."""
 
@@ -347,14 +380,27 @@ class Executor:
         self.progress = progress
         self.cancel = cancel
         self.pin = plan.device.type == "cuda"
+        per_element = len(plan.inputs) * torch.empty((), dtype=plan.compute_dtype).element_size()
+        self.slice_elements = max(MIN_SLICE_ELEMENTS, min(SLICE_ELEMENTS, SLICE_BYTES // per_element))
+        self.block_grams: dict[str, torch.Tensor] | None = None
 
     def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
         plan = self.plan
         total = sum(u.nbytes for u in _units(plan))
         done = 0
+        if plan.method.uses_block_statistics(plan.params):
+            # A first pass over every input: the per-block Gram matrices of the task vectors (Model Stock's
+            # block granularity), by the same code as `merge-lab analyze`.
+            from .analysis import analysis_units, block_grams
+
+            units = analysis_units(plan)
+            done = sum(u.nbytes for u in units)
+            total += done
+            self.block_grams = block_grams(plan, units, progress=self.progress, cancel=self.cancel,
+                                           total=total).grams
         window: deque[tuple[Unit, Future]] = deque()
         stats: dict[str, Future] = {}
-        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab")
+        pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab", initializer=_one_torch_thread)
         try:
             for unit in _units(plan):
                 if self.cancel is not None and self.cancel.is_set():
@@ -380,26 +426,47 @@ class Executor:
         return done
 
     # -- worker side ---------------------------------------------------------------------------------
-    def _read(self, inp: Input, key: str, rows):
-        t = inp.reader.read(key, rows)
-        if self.pin:
-            t = t.pin_memory()
-        return t
+    def _read_raw(self, task: KeyTask, rows) -> list[torch.Tensor]:
+        raws = []
+        for inp in self.plan.inputs:
+            t = inp.reader.read(task.key, rows)
+            raws.append(t.pin_memory() if self.pin else t)
+        return raws
 
-    def _load_inputs(self, task: KeyTask, rows):
+    def _slices(self, shape: tuple[int, ...]):
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors)."""
+        if not shape:
+            yield None
+            return
+        row = math.prod(shape[1:]) or 1
+        step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
+        for start in range(0, shape[0], step):
+            yield start, min(start + step, shape[0])
+
+    def converted_slices(self, task: KeyTask, rows):
+        """(models, base, first row) for each slice of one unit, in the compute dtype (the analysis pass)."""
+        raws = self._read_raw(task, rows)
+        first_row = rows[0] if rows else 0
+        for part in self._slices(tuple(raws[0].shape)):
+            models, base = self._convert(task, raws, part)
+            yield models, base, first_row + (part[0] if part else 0)
+
+    def _owns_converted(self, raws: list[torch.Tensor]) -> bool:
+        """Whether converting `raws` copies them (a new dtype or device), so that a method may overwrite the
+        converted tensors without touching the raw buffers, which later slices and passes read again."""
+        return self.plan.device.type != "cpu" or all(r.dtype != self.plan.compute_dtype for r in raws)
+
+    def _convert(self, task: KeyTask, raws: list[torch.Tensor], rows):
         plan = self.plan
-        device, dtype = plan.device, plan.compute_dtype
-        tensors = []
-        for inp in plan.inputs:
-            raw = self._read(inp, task.key, rows)
-            tensors.append(raw.to(device=device, dtype=dtype, non_blocking=True))
-        tensors = self._check_finite(task, tensors, rows)
+        tensors = [(r if rows is None else r[rows[0]:rows[1]]).to(device=plan.device, dtype=plan.compute_dtype,
+                                                                   non_blocking=True) for r in raws]
+        tensors = self._check_finite(task, tensors)
         models = tensors[: len(plan.models)]
         base = tensors[len(plan.models)] if plan.base else None
         return models, base
 
-    def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor], rows=None) -> list[torch.Tensor]:
-        """Apply the `nonfinite` policy to the inputs of one key (or chunk), in input order.
+    def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply the `nonfinite` policy to the inputs of one slice of a key, in input order.
 
         error: raise, naming the first input (file) that holds NaN/inf and the key;
         take-first: a NaN/inf of a later input takes the first model's value at that element, and where
@@ -407,15 +474,13 @@ class Executor:
         zero: every NaN/inf becomes 0.
         """
         plan = self.plan
-        # A finite sum proves every element finite (NaN and ±inf propagate); only then is the full mask needed.
-        bad = [i for i, t in enumerate(tensors) if not bool(torch.isfinite(t.sum())) and
-               not bool(torch.isfinite(t).all())]
+        bad = [i for i, t in enumerate(tensors) if not _all_finite(t)]
         if not bad:
             return tensors
         policy = plan.recipe.nonfinite
         if policy == "error":
-            i = bad[0]
-            raise MergeLabError(_nonfinite_message(tensors[i], rows), path=plan.inputs[i].path, key=task.key)
+            inp = plan.inputs[bad[0]]
+            raise MergeLabError(_nonfinite_message(inp, task.key), path=inp.path, key=task.key)
         first = tensors[0]
         out = list(tensors)
         for i in bad:
@@ -427,31 +492,42 @@ class Executor:
             out[i] = t
         return out
 
-    def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor, rows=None) -> torch.Tensor:
+    def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor) -> torch.Tensor:
         """A copied key (never merged, or missing elsewhere) has one source: NaN/inf in it is an error, or
         0 under take-first and zero (the source is the first model that has it)."""
-        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        if _all_finite(tensor):
             return tensor
+        inp = self.plan.inputs[task.source]
         if self.plan.recipe.nonfinite == "error":
-            raise MergeLabError(_nonfinite_message(tensor, rows), path=self.plan.inputs[task.source].path,
-                                key=task.key)
+            raise MergeLabError(_nonfinite_message(inp, task.key), path=inp.path, key=task.key)
         return torch.where(torch.isfinite(tensor), tensor, torch.zeros((), dtype=tensor.dtype))
 
-    def _context(self, task: KeyTask, rows, stats=None):
+    def _context(self, task: KeyTask, first_row: int, stats=None, writable: bool = False):
         M = methods()
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         weights = tuple(self.plan.recipe.weights) if self.plan.recipe.weights is not None else None
-        return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape,
-                            offset=0 if rows is None else rows[0] * row, weights=weights, stats=stats)
+        if self.block_grams is not None:
+            stats = {**(stats or {}), "block_gram": self.block_grams[task.block]}
+        return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
+                            weights=weights, stats=stats, inputs_writable=writable)
 
-    def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
+    def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
         plan = self.plan
-        total: dict[str, torch.Tensor] = {}
-        for rows in task.chunks:
-            models, base = self._load_inputs(task, rows)
-            part = plan.method.statistics(models, base, self._context(task, rows), **plan.params)
+        writable = self._owns_converted(raws)
+        for rows in self._slices(tuple(raws[0].shape)):
+            models, base = self._convert(task, raws, rows)
+            offset = first_row + (rows[0] if rows else 0)
+            part = plan.method.statistics(models, base, self._context(task, offset, writable=writable),
+                                          **plan.params)
             for name, value in part.items():
                 total[name] = total[name] + value if name in total else value
+        return total
+
+    def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
+        """Whole-tensor statistics of a key too big for one unit: a first pass over its row chunks."""
+        total: dict[str, torch.Tensor] = {}
+        for rows in task.chunks:
+            self._accumulate(task, self._read_raw(task, rows), rows[0] if rows else 0, total)
         return total
 
     def _compute(self, unit: Unit, stats_future: Future | None) -> torch.Tensor:
@@ -459,30 +535,53 @@ class Executor:
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
         if task.action == "copy":
-            t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows), unit.rows)
+            t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows))
             out = t if t.dtype == out_dtype else t.to(out_dtype)
-            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if out is not t and not _all_finite(out):
                 raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "
                                     "--dtype fp32", path=plan.inputs[task.source].path, key=task.key)
             return out
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
-        models, base = self._load_inputs(task, unit.rows)
-        stats = stats_future.result() if stats_future is not None else None
-        ctx = self._context(task, unit.rows, stats)
+        raws = self._read_raw(task, unit.rows)
+        first_row = unit.rows[0] if unit.rows else 0
+        method = plan.method
+        writable = self._owns_converted(raws)
         try:
-            result = plan.method.fn(models, base, task.ratio, ctx, **plan.params)
+            if not _is_elementwise(method, plan.params):
+                models, base = self._convert(task, raws, None)
+                result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
+                self._check_shape(result, models[0], task)
+                return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
+            stats = stats_future.result() if stats_future is not None else None
+            if stats is None and method.needs_statistics(plan.params, task.shape):
+                stats = self._accumulate(task, raws, first_row, {})
+            out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
+            for rows in self._slices(tuple(raws[0].shape)):
+                models, base = self._convert(task, raws, rows)
+                offset = first_row + (rows[0] if rows else 0)
+                ctx = self._context(task, offset, stats, writable)
+                result = method.fn(models, base, task.ratio, ctx, **plan.params)
+                self._check_shape(result, models[0], task)
+                if rows is None:
+                    out.copy_(result)
+                else:
+                    out[rows[0]:rows[1]].copy_(result)
+            return self._check_result(out, task)
         except ValueError as e:
-            raise MergeLabError(f"{plan.method.name}: {e}", key=task.key) from None
-        if result.shape != models[0].shape:
-            raise RuntimeError(f"{plan.method.name} returned shape {tuple(result.shape)} for {task.key}")
-        out = result.to(device="cpu", dtype=out_dtype)
+            raise MergeLabError(f"{method.name}: {e}", key=task.key) from None
+
+    def _check_result(self, out: torch.Tensor, task: KeyTask) -> torch.Tensor:
         # Finite inputs can still give inf: a value beyond the output dtype's range (fp16: 65504), or a
         # method dividing by ~0. Writing it would silently break the model.
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise MergeLabError(f"the merged value is NaN or inf (beyond the range of {task.out_dtype}?); use "
                                 "--dtype fp32 or smaller ratios", key=task.key)
         return out
+
+    def _check_shape(self, result: torch.Tensor, like: torch.Tensor, task: KeyTask) -> None:
+        if result.shape != like.shape:
+            raise RuntimeError(f"{self.plan.method.name} returned shape {tuple(result.shape)} for {task.key}")
 
 
 # --------------------------------------------------------------------------------------------------

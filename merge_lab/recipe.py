@@ -19,7 +19,7 @@ import yaml
 from ._own import methods
 from .blocks import all_blocks, parse_values
 from .errors import RecipeError, show
-from .presets import preset_values
+from .presets import names_preset, preset_values
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 PRECISION_CHOICES = ("float32", "float64")
@@ -147,8 +147,8 @@ class Recipe:
             raise RecipeError("no models given")
         models = self.expanded_models()
         try:
-            method.check_inputs(len(models), self.base is not None)
-            method.normalize_params(self.params)
+            method.check_inputs(len(models), self.base is not None, self.weights is not None)
+            method.check_params(method.normalize_params(self.params), len(models))
         except ValueError as e:
             raise RecipeError(str(e)) from None
         for p in [*models, *([self.base] if self.base else [])]:
@@ -211,9 +211,9 @@ def known_block_names() -> list[str]:
 
 def check_block_spec(spec) -> None:
     """`blocks`: None, a preset name, or 25/26 (SD1/SD2) or 19/20 (SDXL) ratios, each in range."""
-    if spec is None or spec == "" or spec == []:
+    if spec is None or spec == "":
         return
-    if isinstance(spec, str) and not any(c.isdigit() for c in spec.split(",")[0]):
+    if names_preset(spec):
         preset_values(spec.strip(), "sd1")  # RecipeError listing the presets when unknown
         return
     values = parse_values(spec)

@@ -4,7 +4,7 @@ Every module here imports its siblings relatively, so the package works under wh
 loaded (see merge_lab/_own.py for why it is never imported as the generic ``merge_methods``).
 """
 
-from . import basic  # noqa: F401  (registers the methods)
+from . import basic, drop, model_stock, task_vectors  # noqa: F401  (register the methods)
 from .registry import REGISTRY, KeyContext, MergeMethod, Param, get_method, merge_method, method_names
 
 __all__ = ["REGISTRY", "KeyContext", "MergeMethod", "Param", "get_method", "merge_method", "method_names"]

@@ -29,7 +29,8 @@ def weighted_sum(models, base, ratio, ctx: KeyContext):
         raise ValueError("weighted_sum: the model weights sum to 0")
     active = [(w, m) for w, m in zip(weights, models) if w != 0]
     if len(active) == 1 and active[0][0] == total:
-        target = active[0][1]  # the two-model case: exactly B, no rounding from w/Σw
+        # The two-model case: (1−α)A + αB computed as torch.lerp (A + α(B − A)), one pass instead of three.
+        return torch.lerp(first, active[0][1], ratio)
     else:
         target = torch.zeros_like(first)
         for w, m in active:

@@ -13,7 +13,9 @@ Calling convention (every method)::
   weights, precomputed statistics);
 - ``params``: the method's declared hyper-parameters, already validated and defaulted.
 
-Functions may modify nothing they are given except where noted, do no I/O and keep no state.
+Functions modify nothing they are given, except the input tensors when ``ctx.inputs_writable`` is true
+(the engine passes freshly read tensors it never uses again, so methods may work in place and save
+memory); they do no I/O and keep no state.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class KeyContext:
     offset: int = 0  # flat index, in the whole tensor, of the chunk's first element
     weights: tuple[float, ...] | None = None  # per-model weights from the recipe, None when not given
     stats: Mapping[str, Any] | None = None  # whole-tensor (or whole-block) statistics for chunked runs
+    inputs_writable: bool = False  # the method may overwrite `models` and `base` (the engine's fresh copies)
 
     @property
     def numel(self) -> int:
@@ -113,14 +116,22 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False  # uses seeded drop masks, so the seed is part of the result
+    # False when the method takes no per-model weights (the recipe's `weights` are then refused).
+    takes_weights: bool = True
     # True when the result on any range of rows equals the same rows of the whole-tensor result given the
-    # same ctx.stats: the engine may then split big tensors into chunks of rows.
-    elementwise: bool = True
+    # same ctx.stats: the engine may then split big tensors into chunks of rows. A callable of the
+    # normalized params when that depends on them (TIES trimming with k < 1 needs the whole tensor).
+    elementwise: bool | Callable[[Mapping[str, Any]], bool] = True
     # Optional additive whole-tensor statistics: statistics(models, base, ctx, **params) -> dict of float64
     # tensors whose sums over row chunks equal the whole-tensor value. The method reads them from ctx.stats.
     statistics: Callable[..., dict[str, torch.Tensor]] | None = None
-    # Statistic computed over each whole block by the analysis pass ("block" granularity of Model Stock).
+    # When the statistics are needed, as a function of (params, shape of the whole tensor); None: always.
+    statistics_needed: Callable[[Mapping[str, Any], tuple[int, ...]], bool] | None = None
+    # Statistic computed over each whole block by the analysis pass ("block" granularity of Model Stock):
+    # the engine then passes ctx.stats["block_gram"], the block's float64 Gram matrix of the task vectors.
     needs_block_statistics: Callable[[Mapping[str, Any]], bool] | None = None
+    # Checks that need both the params and the number of models: check(params, n_models), ValueError if bad.
+    check: Callable[[Mapping[str, Any], int], None] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def param(self, name: str) -> Param:
@@ -136,15 +147,37 @@ class MergeMethod:
             out[name] = self.param(name).parse(value)
         return out
 
-    def check_inputs(self, n_models: int, has_base: bool) -> None:
+    def check_params(self, params: Mapping[str, Any], n_models: int) -> None:
+        """Check normalized params against the number of models (ValueError if they do not fit)."""
+        if self.check is not None:
+            self.check(params, n_models)
+
+    def chunkable(self, params: Mapping[str, Any]) -> bool:
+        """Whether the engine may split a tensor into chunks of rows for these (normalized) params."""
+        return bool(self.elementwise(params) if callable(self.elementwise) else self.elementwise)
+
+    def needs_statistics(self, params: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+        """Whether a chunked run of a tensor of this shape needs the whole-tensor statistics first."""
+        if self.statistics is None:
+            return False
+        return True if self.statistics_needed is None else bool(self.statistics_needed(params, tuple(shape)))
+
+    def uses_block_statistics(self, params: Mapping[str, Any]) -> bool:
+        return self.needs_block_statistics is not None and bool(self.needs_block_statistics(params))
+
+    def check_inputs(self, n_models: int, has_base: bool, has_weights: bool = False) -> None:
+        if has_weights and not self.takes_weights:
+            raise ValueError(f"method {self.name} takes no per-model weights")
         if self.base == "required" and not has_base:
             raise ValueError(f"method {self.name} needs a base model (--base)")
         if self.base == "never" and has_base:
             raise ValueError(f"method {self.name} takes no base model")
         if n_models < self.min_models:
-            raise ValueError(f"method {self.name} needs at least {self.min_models} models, got {n_models}")
+            what = "fine-tuned models besides the base" if self.base == "required" else "models"
+            raise ValueError(f"method {self.name} needs at least {self.min_models} {what}, got {n_models}")
         if self.max_models is not None and n_models > self.max_models:
-            raise ValueError(f"method {self.name} takes at most {self.max_models} models, got {n_models}")
+            noun = "model" if self.max_models == 1 else "models"
+            raise ValueError(f"method {self.name} takes at most {self.max_models} {noun}, got {n_models}")
 
     def __call__(self, models: Sequence[torch.Tensor], base: torch.Tensor | None = None, ratio: float = 1.0,
                  ctx: KeyContext | None = None, **params) -> torch.Tensor:

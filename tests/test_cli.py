@@ -62,7 +62,7 @@ def test_recipe_file_with_flag_overrides(sd1_family, tmp_path, capsys):
     k_in = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     k_mid = "model.diffusion_model.middle_block.0.in_layers.2.weight"
     k_vae = "first_stage_model.decoder.conv_in.weight"
-    assert torch.equal(merged[k_in], (A[k_in].float() * 0.9 + B[k_in].float() * 0.1).half())
+    assert torch.equal(merged[k_in], torch.lerp(A[k_in].float(), B[k_in].float(), 0.1).half())
     assert torch.equal(merged[k_mid], B[k_mid])
     assert torch.equal(merged[k_vae], A[k_vae])
 

@@ -16,7 +16,8 @@ from .helpers import expected_block, mergeable
 
 
 def ws_reference(a, b, r):
-    return (a.float() * (1 - r) + b.float() * r).to(a.dtype)
+    """(1−r)·A + r·B in float32, written as torch.lerp computes it, cast back to the input dtype."""
+    return torch.lerp(a.float(), b.float(), r).to(a.dtype)
 
 
 def test_weighted_sum_is_bit_exact(sd1_family, tmp_path):
@@ -78,13 +79,26 @@ def test_add_difference_three_models_and_base_form(sd1_family, tmp_path):
         assert torch.equal(O1[k], O2[k])
 
 
-def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path):
+def force_small_units(monkeypatch, unit=1500, slice_=300):
+    """Tiny test tensors would fit one unit and one slice: make both small to exercise the splitting."""
+    from merge_lab import engine
+
+    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", unit)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", slice_)
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+
+
+def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path, monkeypatch):
     _, (a, b, c) = sd1_family
     for method, models in (("weighted_sum", [a, b]), ("slerp", [a, c]), ("add_difference", [a, b, c])):
         whole = tmp_path / f"{method}-whole.safetensors"
         merge_to_file(Recipe(models=[str(m) for m in models], method=method, alpha=0.4, out=str(whole)))
-        chunked = merge_to_state_dict(Recipe(models=[str(m) for m in models], method=method, alpha=0.4,
-                                             memory_budget="1MB", threads=3))
+        with monkeypatch.context() as m:
+            force_small_units(m)
+            # 1 MB over 128 units in flight: keys above ~1400 elements are split into row chunks, so
+            # slerp's whole-tensor statistics are gathered over chunks in a first pass
+            chunked = merge_to_state_dict(Recipe(models=[str(m) for m in models], method=method, alpha=0.4,
+                                                 threads=64, memory_budget="1MB"))
         W = load_file(whole)
         assert set(W) == set(chunked.state_dict)
         for k in W:
@@ -94,14 +108,20 @@ def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp
                 assert torch.equal(chunked.state_dict[k], W[k]), k
 
 
-def test_chunking_really_splits(sd1_family):
+def test_chunking_really_splits(sd1_family, monkeypatch):
     from merge_lab.engine import prepare
 
     _, (a, b, _) = sd1_family
-    with prepare(Recipe(models=[str(a), str(b)], memory_budget="1MB")) as plan:
-        assert max(len(t.chunks) for t in plan.tasks) > 1
     with prepare(Recipe(models=[str(a), str(b)])) as plan:
         assert max(len(t.chunks) for t in plan.tasks) == 1
+    with prepare(Recipe(models=[str(a), str(b)], memory_budget="1MB", threads=64)) as plan:
+        # 128 units in flight share 1 MB: 8 KB each, so every tensor above ~1400 elements is split
+        assert max(len(t.chunks) for t in plan.tasks) > 1
+    with prepare(Recipe(models=[str(a), str(b)], method="slerp", memory_budget="1MB", threads=64)) as plan:
+        assert any(t.needs_stats for t in plan.tasks)
+    force_small_units(monkeypatch)
+    with prepare(Recipe(models=[str(a), str(b)], method="slerp")) as plan:
+        assert not any(t.needs_stats for t in plan.tasks)  # whole keys fit the budget: one read each
 
 
 def test_slerp_matches_an_independent_float64_computation(sd1_fp32_family, tmp_path):
@@ -133,7 +153,7 @@ def test_dtype_option_and_default(sd1_family, tmp_path):
     merge_to_file(Recipe(models=[str(a), str(b)], dtype="fp32", precision="float64", out=str(out32)))
     O32 = load_file(out32)
     k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-    expected = (A[k].double() * 0.5 + load_file(b)[k].double() * 0.5).float()
+    expected = torch.lerp(A[k].double(), load_file(b)[k].double(), 0.5).float()
     assert torch.equal(O32[k], expected)
 
 

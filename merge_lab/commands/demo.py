@@ -1,18 +1,24 @@
-"""`merge-lab demo`: build tiny checkpoints with the real SD1.5 and SDXL key sets and merge them."""
+"""`merge-lab demo`: build tiny checkpoints with the real SD1.5 and SDXL key sets, merge them with every
+method, and write the θ-per-block report (text, JSON, heatmap) of the fine-tunes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ..analysis import analyze, format_report
 from ..demo_models import make_family
 from ..engine import merge_to_file
+from ..heatmap import render_heatmap
+from ..layouts import TINY_WIDTH
 from ..progress import TqdmProgress
 from ..recipe import Recipe
 from .batch import format_table
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets) and merge them")
+    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets), merge them with every method "
+                                    "and write the θ-per-block report")
     p.add_argument("--dir", default="demo-output", help="where models and outputs go")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -20,30 +26,58 @@ def add_parser(sub):
 
 def demo_recipes(arch: str, base: Path, fts: list[Path], out_dir: Path) -> list[tuple[str, Recipe]]:
     a, b, c = (str(p) for p in fts)
+    base = str(base)
     mbw = "0.5" + ",0.2" * (12 if arch != "sdxl" else 9) + ",0.5" + ",0.8" * (12 if arch != "sdxl" else 9)
+
+    def out(name: str) -> str:
+        return str(out_dir / f"{arch}-{name}.safetensors")
+
+    three = dict(models=[a, b, c], base=base)
     return [
-        ("weighted_sum", Recipe(models=[a, b], method="weighted_sum", alpha=0.5,
-                                out=str(out_dir / f"{arch}-weighted_sum.safetensors"))),
+        ("weighted_sum", Recipe(models=[a, b], method="weighted_sum", alpha=0.5, out=out("weighted_sum"))),
         ("weighted_sum (per block)", Recipe(models=[a, b], method="weighted_sum", blocks=mbw, block={"VAE": 0},
-                                            out=str(out_dir / f"{arch}-weighted_sum-mbw.safetensors"))),
-        ("add_difference", Recipe(models=[a, b, str(base)], method="add_difference", alpha=1.0,
-                                  out=str(out_dir / f"{arch}-add_difference.safetensors"))),
-        ("slerp", Recipe(models=[a, c], method="slerp", alpha=0.5, out=str(out_dir / f"{arch}-slerp.safetensors"))),
+                                            out=out("weighted_sum-mbw"))),
+        ("add_difference", Recipe(models=[a, b, base], method="add_difference", alpha=1.0,
+                                  out=out("add_difference"))),
+        ("slerp", Recipe(models=[a, c], method="slerp", alpha=0.5, out=out("slerp"))),
+        ("task_arithmetic", Recipe(**three, method="task_arithmetic", alpha=0.4, out=out("task_arithmetic"))),
+        ("ties (k=0.2, mass)", Recipe(**three, method="ties", alpha=1.0, out=out("ties"))),
+        ("ties_soup", Recipe(**three, method="ties_soup", alpha=1.0, out=out("ties_soup"))),
+        ("dare (p=0.5, sum)", Recipe(**three, method="dare", params={"p": 0.5}, alpha=0.4, seed=1,
+                                     out=out("dare"))),
+        ("tsd (stock)", Recipe(**three, method="tsd", params={"stock": True}, alpha=1.0, seed=1, out=out("tsd"))),
+        ("model_stock (per block)", Recipe(**three, method="model_stock", params={"granularity": "block"},
+                                           alpha=1.0, out=out("model_stock-block"))),
+        ("expo", Recipe(models=[a], base=base, method="expo", alpha=0.5, out=out("expo"))),
     ]
+
+
+def run_demo(root: Path, *, archs=("sd1", "sdxl"), width: int = TINY_WIDTH, vocab: int = 49408,
+             progress: bool = True) -> list[tuple]:
+    models_dir, out_dir, analysis_dir = root / "models", root / "merged", root / "analysis"
+    analysis_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for arch in archs:
+        print(f"building tiny {arch} checkpoints (real key set) in {models_dir}")
+        base, fts = make_family(arch, models_dir, width=width, vocab=vocab, prefix=f"demo-{arch}")
+        for label, recipe in demo_recipes(arch, base, fts, out_dir):
+            with TqdmProgress(Path(recipe.out).name, disable=not progress, leave=False) as bar:
+                result = merge_to_file(recipe, progress=bar)
+            rows.append((arch, label, result.out, result.autov2, f"{result.seconds:.2f}"))
+        report = analyze([str(p) for p in fts], str(base))
+        stem = analysis_dir / f"{arch}-theta"
+        Path(f"{stem}.txt").write_text(format_report(report) + "\n", encoding="utf-8")
+        Path(f"{stem}.json").write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        render_heatmap(report, f"{stem}.png")
+        rows.append((arch, "θ per block (analyze)", f"{stem}.txt / .json / .png", "", f"{report.seconds:.2f}"))
+    return rows
 
 
 def run(args) -> int:
     root = Path(args.dir)
-    models_dir, out_dir = root / "models", root / "merged"
-    rows = []
-    for arch in ("sd1", "sdxl"):
-        print(f"building tiny {arch} checkpoints (real key set) in {models_dir}")
-        base, fts = make_family(arch, models_dir, prefix=f"demo-{arch}")
-        for label, recipe in demo_recipes(arch, base, fts, out_dir):
-            with TqdmProgress(Path(recipe.out).name, disable=args.no_progress, leave=False) as progress:
-                result = merge_to_file(recipe, progress=progress)
-            rows.append((arch, label, result.out, result.autov2, f"{result.seconds:.2f}"))
+    rows = run_demo(root, progress=not args.no_progress)
     print()
     print(format_table(("arch", "method", "output", "AutoV2", "seconds"), rows))
-    print(f"\nmodels: {models_dir}/  merged: {out_dir}/  (inspect one with `merge-lab info FILE`)")
+    print(f"\nmodels: {root / 'models'}/  merged: {root / 'merged'}/  θ reports: {root / 'analysis'}/  "
+          "(inspect a model with `merge-lab info FILE`)")
     return 0

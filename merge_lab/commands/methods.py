@@ -33,7 +33,8 @@ def run(args) -> int:
         return 0
     for r in rows:
         base = {"required": ", needs --base", "optional": ", --base optional", "never": ""}[r["base"]]
-        print(f"{r['name']}  ({r['models']} models{base}{', seeded' if r['randomized'] else ''})")
+        noun = "model" if r["models"] == "1" else "models"
+        print(f"{r['name']}  ({r['models']} {noun}{base}{', seeded' if r['randomized'] else ''})")
         print(f"    {r['summary']}")
         for p in r["params"]:
             choices = f" [{'|'.join(map(str, p['choices']))}]" if "choices" in p else ""

@@ -1,0 +1,132 @@
+"""Model Stock (Jang et al. 2024): move from the base toward the mean fine-tune by the factor t that the
+angle between the task vectors suggests.
+
+c = mean of the cosines between τᵢ and τⱼ over ALL pairs i < j, t = N·c / (1 + (N−1)·c),
+θ = θ_base + α_b·t·mean(τᵢ). The Gram matrix Gᵢⱼ = ⟨τᵢ, τⱼ⟩ (float64) carries everything t needs; it is
+additive over chunks of a tensor and over the keys of a block, so the same helpers serve the tensor, row
+and block granularities and the θ analysis (merge_lab/analysis.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .registry import KeyContext, Param, merge_method
+from .task_vectors import apply_to_base, task_vectors, unchanged_base
+
+# Elements converted to float64 at a time: a small buffer, reused, that stays in the CPU cache (large fresh
+# float64 copies cost more in page faults than the products themselves).
+GRAM_SLICE = 1 << 16
+# |1 + (N−1)·c| below this is the singularity of t (only reachable for c < 0, where t is 0 anyway).
+SINGULARITY_EPS = 1e-6
+
+
+def gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Gᵢⱼ = Σ vᵢ·vⱼ over all elements, float64 products and sums, as an N×N CPU tensor."""
+    flat = [v.reshape(-1) for v in vectors]
+    n, numel = len(flat), flat[0].numel()
+    device = flat[0].device
+    total = torch.zeros(n, n, dtype=torch.float64, device=device)
+    buffer = torch.empty(n, min(GRAM_SLICE, numel), dtype=torch.float64, device=device)
+    for start in range(0, numel, GRAM_SLICE):
+        stop = min(start + GRAM_SLICE, numel)
+        x = buffer[:, :stop - start]
+        for i, f in enumerate(flat):
+            x[i].copy_(f[start:stop])
+        total += x @ x.T
+    return total.cpu()
+
+
+def row_gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-row Gram matrices, rows = the first dimension (an output channel), shape (rows, N, N), float64."""
+    rows = vectors[0].shape[0]
+    flat = [v.reshape(rows, -1) for v in vectors]
+    n, width = len(flat), flat[0].shape[1]
+    device = flat[0].device
+    out = torch.empty(rows, n, n, dtype=torch.float64, device=device)
+    step = max(1, GRAM_SLICE // max(width, 1))
+    buffer = torch.empty(min(step, rows), n, width, dtype=torch.float64, device=device)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        x = buffer[:stop - start]
+        for i, f in enumerate(flat):
+            x[:, i].copy_(f[start:stop])
+        out[start:stop] = torch.bmm(x, x.transpose(1, 2))
+    return out
+
+
+def pairwise_cosines(gram_matrix: torch.Tensor) -> torch.Tensor:
+    """Cosines of all pairs i < j (in the order of ``torch.triu_indices``) from a Gram matrix (…, N, N);
+    NaN where a vector has zero norm (the angle is undefined)."""
+    n = gram_matrix.shape[-1]
+    i, j = torch.triu_indices(n, n, 1)
+    norms2 = gram_matrix.diagonal(dim1=-2, dim2=-1)
+    denominator = torch.sqrt(norms2[..., i]) * torch.sqrt(norms2[..., j])
+    cos = (gram_matrix[..., i, j] / denominator).clamp(-1.0, 1.0)
+    return cos.masked_fill(denominator == 0, float("nan"))
+
+
+def model_stock_t(gram_matrix: torch.Tensor) -> torch.Tensor:
+    """t = N·c / (1 + (N−1)·c) from Gram matrices (…, N, N), with c the mean pairwise cosine.
+
+    Guards (our definitions): a pair with a zero-norm vector counts as cosine 0; c ≤ 0 (no agreement
+    between the fine-tunes, which includes the singularity c = −1/(N−1)) gives t = 0, i.e. the base. The
+    formula would give t ≤ 0 or a huge t there (mergekit and sd-mecha use it as is)."""
+    n = gram_matrix.shape[-1]
+    c = pairwise_cosines(gram_matrix).nan_to_num(0.0).mean(dim=-1)
+    denominator = 1.0 + (n - 1) * c
+    t = n * c / denominator
+    return t.masked_fill((c <= 0) | (denominator.abs() < SINGULARITY_EPS), 0.0)
+
+
+GRANULARITIES = ("tensor", "row", "block")
+
+
+def _uses_tensor_statistics(params, shape) -> bool:
+    return params["granularity"] == "tensor" or (params["granularity"] == "row" and len(shape) <= 1)
+
+
+def model_stock_statistics(models, base, ctx: KeyContext, granularity):
+    return {"gram": gram(task_vectors(models, base, ctx, weighted=False))}
+
+
+@merge_method(
+    "model_stock",
+    summary="Model Stock: θ_base + t·mean(τᵢ), t from the mean pairwise cosine of the task vectors",
+    params=(
+        Param("granularity", str, "tensor",
+              "one t per tensor, per row (output channel) or per block (from all the block's keys)",
+              choices=GRANULARITIES),
+    ),
+    base="required",
+    min_models=2,
+    takes_weights=False,
+    statistics=model_stock_statistics,
+    statistics_needed=_uses_tensor_statistics,
+    needs_block_statistics=lambda params: params["granularity"] == "block",
+)
+def model_stock(models, base, ratio, ctx: KeyContext, granularity):
+    n = len(models)
+    if n < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models besides the base, got {n}")
+    if ratio == 0:
+        return unchanged_base(base, ctx)
+    stats = ctx.stats or {}
+    taus = task_vectors(models, base, ctx, weighted=False)
+    if granularity == "block":
+        if "block_gram" not in stats:
+            raise ValueError("granularity block needs the block statistics (computed by the engine)")
+        t: float | torch.Tensor = float(model_stock_t(stats["block_gram"]))
+    elif granularity == "tensor" or taus[0].dim() <= 1:
+        t = float(model_stock_t(stats["gram"] if "gram" in stats else gram(taus)))
+    else:
+        t = model_stock_t(row_gram(taus)).to(taus[0].device, taus[0].dtype)
+        t = t.view(-1, *([1] * (taus[0].dim() - 1)))
+    if isinstance(t, float) and t == 0:
+        return unchanged_base(base, ctx)
+    total = taus[0]
+    for tau in taus[1:]:
+        total.add_(tau)
+    return apply_to_base(base, total, t * (ratio / n))  # θ_base + α·t·mean(τᵢ)

@@ -1,0 +1,206 @@
+"""Task-vector methods: task arithmetic, TIES, TIES-SOUP and ExPO.
+
+τᵢ = wᵢ·(θᵢ − θ_base) (wᵢ the recipe's per-model weights, 1 when not given; a negative weight negates a
+task), and the methods return θ_base + α_b·λ·τ* so that a block ratio α_b = 0 leaves the base untouched.
+
+Rounding note: results are built from plain multiplications and additions (no fused multiply-add such as
+``add(alpha=…)`` or ``addcmul``), each exactly rounded, so a chunk of rows gives the same bits as the same
+rows of the whole tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import KeyContext, Param, merge_method
+
+SCALE = Param("scale", float, 1.0, "λ: multiplies the merged task vector (on top of the block ratio)")
+DENSITY_HELP = ("fraction of each task vector kept, by magnitude (1 = no trimming, 0 = nothing: the base); "
+                "entries tied with the threshold are kept")
+ELECTION = ("mass", "count")
+ELECTION_HELP = "sign election: mass = sgn Σ τ̂ᵢ (TIES paper), count = sgn Σ sgn τ̂ᵢ (majority of models)"
+
+
+def model_weights(ctx: KeyContext, n: int) -> tuple[float, ...]:
+    if ctx.weights is None:
+        return (1.0,) * n
+    if len(ctx.weights) != n:
+        raise ValueError(f"{len(ctx.weights)} weights for {n} models")
+    return tuple(float(w) for w in ctx.weights)
+
+
+def task_vectors(models, base, ctx: KeyContext, *, weighted: bool = True) -> list[torch.Tensor]:
+    """τᵢ = wᵢ·(θᵢ − θ_base): fresh tensors, or the engine's own copies of the inputs overwritten."""
+    weights = model_weights(ctx, len(models)) if weighted else (1.0,) * len(models)
+    out = []
+    for m, w in zip(models, weights):
+        tau = m.sub_(base) if ctx.inputs_writable and m.is_contiguous() else (m - base).contiguous()
+        if w != 1.0:
+            tau.mul_(w)
+        out.append(tau)
+    return out
+
+
+def apply_to_base(base: torch.Tensor, merged: torch.Tensor, coefficient: float | torch.Tensor) -> torch.Tensor:
+    """θ_base + coefficient·τ*, overwriting `merged` (ours)."""
+    return merged.mul_(coefficient).add_(base)
+
+
+def unchanged_base(base: torch.Tensor, ctx: KeyContext) -> torch.Tensor:
+    return base if ctx.inputs_writable else base.clone()
+
+
+# Below this size the 2**16-bin counts of the radix select cost more than ``kthvalue`` itself.
+RADIX_MIN_ELEMENTS = 1 << 18
+
+
+def kth_smallest(values: torch.Tensor, m: int) -> torch.Tensor:
+    """The m-th smallest (1-based) of non-negative finite `values`, exactly.
+
+    float32 on the CPU: a two-level radix select on the bit patterns (non-negative floats order like their
+    bits): count the top 16 bits, then the low 16 bits inside the bin holding the m-th value. Two counting
+    passes instead of ``kthvalue``'s copy and selection, 2.5x faster on 16 M elements. Elsewhere
+    ``kthvalue`` (a radix select on CUDA already)."""
+    flat = values.reshape(-1)
+    if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.numel() < RADIX_MIN_ELEMENTS:
+        return flat.kthvalue(m).values
+    bits = flat.view(torch.int32)
+    high = bits >> 16
+    below = torch.bincount(high, minlength=1 << 15).cumsum_(0)
+    bin_ = int(torch.searchsorted(below, m))  # first bin whose running count reaches m
+    before = int(below[bin_ - 1]) if bin_ else 0
+    low = torch.bincount(bits[high == bin_] & 0xFFFF, minlength=1 << 16).cumsum_(0)
+    rest = int(torch.searchsorted(low, m - before))
+    return torch.tensor((bin_ << 16) | rest, dtype=torch.int32).view(torch.float32)
+
+
+def trim_(tau: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep the top-k fraction of `tau` by magnitude, zero the rest (in place).
+
+    The threshold is the m-th smallest magnitude, m = max(⌊(1−k)·n⌋, 1), and every entry at least as large
+    is kept: ties at the threshold survive, so a little more than k·n entries may be kept. This is sd-mecha's
+    rule (it gives SPEC's golden values); mergekit keeps exactly ⌊k·n⌋ entries after a full sort. Found by
+    selection, never by sorting."""
+    if k >= 1:
+        return tau
+    if k <= 0:
+        return tau.zero_()
+    n = tau.numel()
+    m = max(int((1.0 - k) * n), 1)
+    if m <= 1:
+        return tau
+    magnitude = tau.abs()
+    threshold = kth_smallest(magnitude, m)
+    return tau.masked_fill_(magnitude < threshold, 0)
+
+
+def ties_merge(taus: list[torch.Tensor], k: float, election: str) -> torch.Tensor:
+    """TIES on task vectors that are ours to overwrite: trim each to its top-k fraction, elect a sign per
+    entry, and take the disjoint mean of the entries that agree with it (non-zero by construction);
+    0 where no entry agrees or the elected sign is 0."""
+    if k <= 0:
+        return torch.zeros_like(taus[0])
+    for tau in taus:
+        trim_(tau, k)
+    scratch = torch.empty_like(taus[0])  # one buffer for every sign, instead of a fresh tensor per model
+    if election == "mass":
+        votes = taus[0].clone()
+        for tau in taus[1:]:
+            votes.add_(tau)
+    else:
+        votes = torch.sign(taus[0])
+        for tau in taus[1:]:
+            votes.add_(torch.sign(tau, out=scratch))
+    sign = votes.sign_()
+    merged, count = taus[0], torch.empty_like(taus[0])  # τ₁'s buffer collects the sum
+    for index, tau in enumerate(taus):
+        agrees = torch.sign(tau, out=scratch).eq_(sign)  # 1.0 / 0.0; where the sign is 0 only zeros "agree"
+        if index == 0:
+            count.copy_(agrees)
+            tau.mul_(agrees)
+        else:
+            count.add_(agrees)
+            merged.add_(tau.mul_(agrees))
+    return merged.div_(count.clamp_(min=1))
+
+
+def check_k(k: float) -> None:
+    if not 0.0 <= k <= 1.0:
+        raise ValueError(f"k must be in [0, 1], got {k}")
+
+
+@merge_method(
+    "task_arithmetic",
+    summary="θ_base + λ·Σ wᵢτᵢ: the task vectors added up",
+    params=(SCALE,),
+    base="required",
+)
+def task_arithmetic(models, base, ratio, ctx: KeyContext, scale):
+    coefficient = ratio * scale
+    if coefficient == 0:
+        return unchanged_base(base, ctx)
+    taus = task_vectors(models, base, ctx)
+    total = taus[0]
+    for tau in taus[1:]:
+        total.add_(tau)
+    return apply_to_base(base, total, coefficient)
+
+
+def _ties(models, base, ratio, ctx: KeyContext, k, scale, election):
+    check_k(k)
+    coefficient = ratio * scale
+    if coefficient == 0 or k == 0:
+        return unchanged_base(base, ctx)
+    taus = task_vectors(models, base, ctx)
+    return apply_to_base(base, ties_merge(taus, k, election), coefficient)
+
+
+def _whole_tensor_unless_untrimmed(params) -> bool:
+    return params["k"] >= 1
+
+
+@merge_method(
+    "ties",
+    summary="TIES: trim each task vector to its top-k, elect signs by mass, disjoint mean; θ_base + λ·τ*",
+    params=(
+        Param("k", float, 0.2, DENSITY_HELP, minimum=0.0, maximum=1.0),
+        SCALE,
+        Param("election", str, "mass", ELECTION_HELP, choices=ELECTION),
+    ),
+    base="required",
+    elementwise=_whole_tensor_unless_untrimmed,
+)
+def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
+    return _ties(models, base, ratio, ctx, k, scale, election)
+
+
+@merge_method(
+    "ties_soup",
+    summary="TIES-SOUP: TIES with the count election and no trimming by default (6DammK9)",
+    params=(
+        Param("k", float, 1.0, DENSITY_HELP, minimum=0.0, maximum=1.0),
+        SCALE,
+        Param("election", str, "count", ELECTION_HELP, choices=ELECTION),
+    ),
+    base="required",
+    elementwise=_whole_tensor_unless_untrimmed,
+)
+def ties_soup(models, base, ratio, ctx: KeyContext, k, scale, election):
+    return _ties(models, base, ratio, ctx, k, scale, election)
+
+
+@merge_method(
+    "expo",
+    summary="ExPO: extrapolate a fine-tune away from its base, ft + α·(ft − base)",
+    base="required",
+    min_models=1,
+    max_models=1,
+    takes_weights=False,
+)
+def expo(models, base, ratio, ctx: KeyContext):
+    """θ = θ_ft + α_b·(θ_ft − θ_base) = add_difference(ft, ft, base). α_b = 0 returns the fine-tune."""
+    (ft,) = models
+    if ratio == 0:
+        return ft if ctx.inputs_writable else ft.clone()
+    delta = base.sub_(ft) if ctx.inputs_writable else base - ft  # −(ft − base): one temporary at most
+    return delta.mul_(-ratio).add_(ft)
