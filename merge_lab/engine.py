@@ -434,8 +434,9 @@ class Executor:
         return raws
 
     def _slices(self, shape: tuple[int, ...]):
-        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors)."""
-        if not shape:
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None: the whole tensor, for
+        0-d and empty ones; an empty [2**40, 0] tensor must not become 2**22 empty slices)."""
+        if not shape or not math.prod(shape):
             yield None
             return
         row = math.prod(shape[1:]) or 1

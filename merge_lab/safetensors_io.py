@@ -31,6 +31,9 @@ from .errors import CheckpointError, show
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_NDIM = 16
 _U64_MAX = (1 << 64) - 1  # safetensors sizes and offsets are u64 (usize)
+# torch sizes are int64: a larger dimension (possible in an empty tensor, [0, 2**64 - 1]) is refused
+# here rather than by torch deep inside a merge.
+_MAX_DIM = (1 << 63) - 1
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -92,11 +95,13 @@ def _fail(path, reason, key=None):
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate JSON key {show(k)}")
-        out[k] = v
+    out = dict(pairs)  # called for every JSON object: the common case stays in C
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate JSON key {show(k)}")
+            seen.add(k)
     return out
 
 
@@ -120,37 +125,39 @@ def _read_prefix_and_json(path: str) -> tuple[int, int, bytes]:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise CheckpointError(f"cannot open: {e.strerror or e}", path=path) from None
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError("not a regular file", path=path)
-            size = st.st_size
-            prefix = _read_exactly(f, min(8, size))
-            if len(prefix) < 8:
-                _fail(path, f"file is {size} bytes, too short for a header")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                _fail(path, f"header length {n} runs past the end of the file ({size} bytes): truncated?")
-            raw = _read_exactly(f, n)
-        except OSError as e:
-            raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError("not a regular file", path=path)
+        size = st.st_size
+        prefix = _pread_exactly(fd, min(8, size), 0)
+        if len(prefix) < 8:
+            _fail(path, f"file is {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            _fail(path, f"header length {n} runs past the end of the file ({size} bytes): truncated?")
+        raw = _pread_exactly(fd, n, 8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from None
+    finally:
+        os.close(fd)
     if len(raw) != n:
         _fail(path, "file shrank while reading the header")
     return size, n, raw
 
 
-def _read_exactly(f, n: int) -> bytes:
-    chunks, left = [], n
-    while left:
-        chunk = f.read(left)
+def _pread_exactly(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes at `offset` (fewer only if the file ends first)."""
+    chunks, done = [], 0
+    while done < n:
+        chunk = os.pread(fd, n - done, offset + done)
         if not chunk:
             break
         chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        done += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _usize_product(values) -> int | None:
@@ -169,10 +176,11 @@ def read_header(path: str | os.PathLike) -> Header:
     Raises CheckpointError (one line, naming the file and key) for every malformed file. What is checked,
     in order: the file is a regular file; the 8-byte length fits the file and the 100 MB limit; the header
     is strict UTF-8 JSON (no duplicate keys, no NaN/Infinity, no lone surrogates) and an object; the
-    ``__metadata__`` maps strings to strings; every tensor has a known dtype, a shape of at most
-    16 non-negative dimensions whose size in bits fits in u64, and ``data_offsets`` [begin, end]
-    with end - begin equal to that byte size; the tensors, in offset order, tile the data section
-    exactly (no overlap, no hole, nothing after the last one), as the safetensors library requires.
+    ``__metadata__`` maps strings to strings; every tensor has a known dtype, a shape of at most 16
+    dimensions, each from 0 to 2**63 - 1 (torch's int64 sizes), whose size in bits fits in u64, and
+    ``data_offsets`` [begin, end] with end - begin equal to that byte size; the tensors, in offset order,
+    tile the data section exactly (no overlap, no hole, nothing after the last one), as the safetensors
+    library requires.
     Memory: nothing is allocated from a size the file claims; the header bytes (at most the file size)
     and their parsed JSON are the only allocations.
     """
@@ -211,7 +219,7 @@ def read_header(path: str | os.PathLike) -> Header:
         if not isinstance(dtype, str) or dtype not in DTYPES:
             _fail(path, f"unsupported dtype {show(dtype)} (supported: {', '.join(DTYPES)})", key)
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(type(d) is int and 0 <= d <= _U64_MAX for d in shape)):
+                or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
             _fail(path, f"bad shape {show(shape)} (at most {MAX_NDIM} non-negative integers)", key)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and 0 <= o <= _U64_MAX for o in offsets)):
