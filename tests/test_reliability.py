@@ -90,6 +90,15 @@ def test_malicious_pickle_is_refused_and_runs_nothing(sd1_family, tmp_path, caps
     assert marker.exists()
 
 
+def test_pickles_are_refused_on_a_torch_with_known_unpickler_bugs(sd1_family, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"w": torch.zeros(3)}, plain)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(CheckpointError, match=r"needs torch >= 2\.10 \(this is torch 2\.5\.1") as info:
+        merge_to_file(Recipe(models=[str(sd1_family[1][0]), str(plain)], out=str(tmp_path / "o.safetensors")))
+    assert "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # interrupted merges
 
@@ -147,6 +156,33 @@ def test_disk_full_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_path, m
     err = error_line(capsys.readouterr().err)
     assert code == 2
     assert "\n" not in err and str(out) in err and "No space left on device" in err, err
+    assert_nothing_left(out, (a, b), before)
+
+
+class LosesBytes(FullDisk):
+    """A file that silently drops the bytes past `room` (a faulty network file system): no error raised."""
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        kept = data[: self.room]
+        self.room -= len(kept)
+        return self.real.write(kept)
+
+
+def test_a_silently_short_output_is_caught_before_the_rename(sd1_family, tmp_path, monkeypatch):
+    """The finished file is checked (size, header re-read) before it gets the target's name."""
+    _, (a, b, _) = sd1_family
+    before = {str(p): sha256(p) for p in (a, b)}
+    real_init = SafetensorsWriter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file = LosesBytes(self._file, room=os.path.getsize(a) // 2)
+
+    monkeypatch.setattr(SafetensorsWriter, "__init__", init)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(CheckpointError, match=r"output is \d+ bytes, expected \d+"):
+        merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))
     assert_nothing_left(out, (a, b), before)
 
 
@@ -276,3 +312,34 @@ def test_a_damaged_pickle_is_one_line(tmp_path, sd1_family):
     with pytest.raises(CheckpointError) as info:
         merge_to_file(Recipe(models=[str(a), str(damaged)], out=str(tmp_path / "o.safetensors")))
     assert "\n" not in str(info.value) and str(damaged) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# every value of a recipe file is checked before anything is read
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bogus": 1}, "unknown recipe field(s) bogus (valid: alpha,"),
+    ({"alpha": "high"}, "alpha must be a number, got 'high'"),
+    ({"alpha": 3}, "alpha = 3 is outside [-1.0, 2.0]"),
+    ({"block": {"IN99": 0.5}}, "unknown block 'IN99' (valid: BASE, IN00,"),
+    ({"blocks": "0.1,0.2"}, "26 block ratios"),
+    ({"method": "nope"}, "unknown method 'nope' (valid: add_difference,"),
+    ({"method": "ties", "base": "A", "params": {"k": 5}}, "k must be <= 1.0, got 5.0"),
+    ({"method": "ties", "base": "A", "params": {"election": "x"}}, "election must be one of mass, count"),
+    ({"method": "ties", "base": "A", "params": {"density": 0.5}}, "has no parameter 'density' (valid: k,"),
+    ({"weights": [1, "x"]}, "weights must be a list of numbers"),
+    ({"models": ["A", "missing.safetensors"]}, "missing.safetensors: model file not found"),
+])
+def test_recipe_file_values_are_checked(sd1_family, tmp_path, capsys, fields, message):
+    import yaml
+
+    _, (a, b, _) = sd1_family
+    recipe = {"models": [str(a), str(b)], "out": "out.safetensors", **fields}
+    recipe = {k: ([str(a) if m == "A" else m for m in v] if k == "models" else str(a) if v == "A" else v)
+              for k, v in recipe.items()}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = main(["merge", "--recipe", str(path), "--no-progress"])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
