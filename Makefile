@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.merge-lab-installed
 # torch is pinned before anything else: an unpinned torch pulls GBs of CUDA packages.
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup tokenizer demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) tokenizer
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[preview,ui,dev]" $(TORCH)
 	touch $(STAMP)
+
+# The CLIP vocabulary for previews, built once into the user cache from the open-clip-torch wheel on PyPI
+# (not committed, never fetched at render time); a no-op when already built.
+tokenizer: $(STAMP)
+	$(BIN)/merge-lab setup-tokenizer --quiet
 
 demo: setup
 	$(BIN)/merge-lab demo
@@ -27,4 +32,4 @@ test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-output tests/_cache .pytest_cache
+	rm -rf $(VENV) demo-output xyz-output previews tests/_cache .pytest_cache

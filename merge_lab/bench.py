@@ -43,12 +43,12 @@ def _value(key: str, shape: tuple[int, ...], role: str, seed: int, dtype: torch.
     return torch.randn(shape, generator=g) / math.sqrt(fan_in)
 
 
-def ensure_checkpoints(arch: str, n_models: int, folder: Path | None = None, *, verbose: bool = True
-                       ) -> tuple[Path, list[Path]]:
-    """base + n fine-tunes of full size (fp16), made once into `folder` and reused."""
-    folder = Path(folder or bench_dir()) / arch
+def ensure_checkpoints(arch: str, n_models: int, folder: Path | None = None, *, verbose: bool = True,
+                       width: int | None = None) -> tuple[Path, list[Path]]:
+    """base + n fine-tunes (fp16) of full size, or of base width `width`, made once into `folder`, reused."""
+    folder = Path(folder or bench_dir()) / (arch if width is None else f"{arch}-w{width}")
     folder.mkdir(parents=True, exist_ok=True)
-    shapes = layout_for(ARCHS[arch]).shapes()
+    shapes = layout_for(ARCHS[arch], width=width).shapes()
     names = ["base", *(f"ft{i}" for i in range(1, n_models + 1))]
     paths = [folder / f"{arch}-{n}.safetensors" for n in names]
     for index, (name, path) in enumerate(zip(names, paths)):

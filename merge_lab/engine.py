@@ -10,6 +10,7 @@ renamed once complete and verified.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -354,13 +355,14 @@ class Unit:
 
 
 def _units(plan: MergePlan):
+    stages = plan.method.stages(plan.params, plan.compute_dtype)
     for task in plan.tasks:
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
         for rows in task.chunks:
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
-            factor = 2 if task.needs_stats else 1
+            factor = 1 + (stages if task.needs_stats else 0)
             yield Unit(task, rows, count * item * len(sources) * factor)
 
 
@@ -407,6 +409,9 @@ class Executor:
                     raise MergeCancelled("merge cancelled; no output written")
                 task = unit.task
                 if task.needs_stats and task.key not in stats:
+                    # Units come key by key: an earlier key's statistics are held only by its own units'
+                    # futures from here on (keeping them all held a whole model's worth of counts).
+                    stats.clear()
                     stats[task.key] = pool.submit(self._statistics, task)
                 window.append((unit, pool.submit(self._compute, unit, stats.get(task.key))))
                 while len(window) >= 2 * plan.threads:
@@ -443,6 +448,9 @@ class Executor:
         step = shape[0] if self.plan.device.type == "cuda" else max(1, self.slice_elements // row)
         for start in range(0, shape[0], step):
             yield start, min(start + step, shape[0])
+
+    def _slice_count(self, shape: tuple[int, ...]) -> int:
+        return sum(1 for _ in self._slices(shape))
 
     def converted_slices(self, task: KeyTask, rows):
         """(models, base, first row) for each slice of one unit, in the compute dtype (the analysis pass)."""
@@ -512,23 +520,48 @@ class Executor:
         return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
                             weights=weights, stats=stats, inputs_writable=writable)
 
-    def _accumulate(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, total: dict) -> dict:
+    def _stage_sums(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, earlier: dict,
+                    stage: int) -> dict:
+        """One stage's statistics of `raws` (rows from first_row on) summed over slices; `earlier` holds
+        the sums of the earlier stages."""
         plan = self.plan
         writable = self._owns_converted(raws)
+        sums: dict = {}
         for rows in self._slices(tuple(raws[0].shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
-            part = plan.method.statistics(models, base, self._context(task, offset, writable=writable),
-                                          **plan.params)
-            for name, value in part.items():
-                total[name] = total[name] + value if name in total else value
+            ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
+            for name, value in plan.method.statistics(models, base, ctx, **plan.params).items():
+                if name in sums:
+                    sums[name].add_(value)  # in place: per-slice sums were a fragmenting churn of big buffers
+                else:
+                    sums[name] = value.clone()  # ours to add into, whatever the method returned
+        return sums
+
+    def _stages(self) -> int:
+        return self.plan.method.stages(self.plan.params, self.plan.compute_dtype)
+
+    def _in_memory_statistics(self, task: KeyTask, raws: list[torch.Tensor], first_row: int) -> dict:
+        """Whole-tensor statistics of a key held in one unit."""
+        total: dict = {}
+        for stage in range(self._stages()):
+            total.update(self._stage_sums(task, raws, first_row, total, stage))
         return total
 
     def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
-        """Whole-tensor statistics of a key too big for one unit: a first pass over its row chunks."""
-        total: dict[str, torch.Tensor] = {}
-        for rows in task.chunks:
-            self._accumulate(task, self._read_raw(task, rows), rows[0] if rows else 0, total)
+        """Whole-tensor statistics of a key too big for one unit: passes over its row chunks, read again
+        for each stage."""
+        total: dict = {}
+        for stage in range(self._stages()):
+            stage_total: dict = {}
+            for rows in task.chunks:
+                part = self._stage_sums(task, self._read_raw(task, rows), rows[0] if rows else 0, total, stage)
+                for name, value in part.items():
+                    if name in stage_total:
+                        stage_total[name].add_(value)
+                    else:
+                        stage_total[name] = value
+            total.update(stage_total)
         return total
 
     def _compute(self, unit: Unit, stats_future: Future | None) -> torch.Tensor:
@@ -555,8 +588,11 @@ class Executor:
                 self._check_shape(result, models[0], task)
                 return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
             stats = stats_future.result() if stats_future is not None else None
-            if stats is None and method.needs_statistics(plan.params, task.shape):
-                stats = self._accumulate(task, raws, first_row, {})
+            whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape)) == 1
+            if stats is None and not whole_slice and method.needs_statistics(plan.params, task.shape):
+                # the method sees only slices: give it the whole tensor's statistics first. (A tensor
+                # merged in one slice needs none: the method sees all of it.)
+                stats = self._in_memory_statistics(task, raws, first_row)
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
             for rows in self._slices(tuple(raws[0].shape)):
                 models, base = self._convert(task, raws, rows)

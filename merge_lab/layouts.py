@@ -28,7 +28,10 @@ class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
     adm_in_channels: int | None = None  # SDXL's label_emb input (pooled text + size conditioning)
-    head_channels: int = 64  # for the diffusers config; shapes do not depend on it
+    # Attention heads, for the diffusers config only (shapes do not depend on them): SD1 has a fixed
+    # number of heads per level (num_heads), SD2 / SDXL a fixed head width (head_channels).
+    head_channels: int = 64
+    num_heads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -290,11 +293,11 @@ def sd1_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
     if width:
         return ModelLayout(
             "sd1",
-            UNetConfig(model_channels=width, context_dim=width, head_channels=8),
+            UNetConfig(model_channels=width, context_dim=width, num_heads=8),
             VAEConfig(ch=width),
             (CLIPConfig(SD1_TE_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4),),
         )
-    return ModelLayout("sd1", UNetConfig(), VAEConfig(), (CLIPConfig(SD1_TE_PREFIX, vocab=vocab),))
+    return ModelLayout("sd1", UNetConfig(num_heads=8), VAEConfig(), (CLIPConfig(SD1_TE_PREFIX, vocab=vocab),))
 
 
 def sd2_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:

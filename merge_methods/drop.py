@@ -30,6 +30,10 @@ from .task_vectors import (
     check_k,
     task_vectors,
     ties_merge,
+    trim_stages,
+    trim_statistics,
+    trim_thresholds,
+    trims_tensor,
     unchanged_base,
 )
 
@@ -110,8 +114,13 @@ P_HELP = "drop probability of each task-vector entry (0 keeps all, 1 drops all: 
 RESCALE_HELP = "divide the kept entries by 1 − p (keeps the expected task vector)"
 
 
-def _dare_chunkable(params) -> bool:
-    return params["combine"] == "sum" or params["k"] >= 1
+def _dare_trims(params, shape) -> bool:
+    return params["combine"] == "ties" and trims_tensor(params, shape)
+
+
+def dare_statistics(models, base, ctx: KeyContext, p, rescale, combine, k, election, scale):
+    """The trimming thresholds' radix counts of the dropped task vectors (combine ties with k < 1)."""
+    return trim_statistics(drop_(task_vectors(models, base, ctx), ctx, p, rescale), ctx, k)
 
 
 @merge_method(
@@ -128,7 +137,9 @@ def _dare_chunkable(params) -> bool:
     ),
     base="required",
     randomized=True,
-    elementwise=_dare_chunkable,
+    statistics=dare_statistics,
+    statistics_needed=_dare_trims,
+    statistics_stages=trim_stages,
 )
 def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election, scale):
     _check_p(p)
@@ -138,7 +149,7 @@ def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election,
         return unchanged_base(base, ctx)
     taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
     if combine == "ties":
-        merged = ties_merge(taus, k, election)
+        merged = ties_merge(taus, k, election, trim_thresholds(ctx, k, len(taus), taus[0].dtype))
     else:
         merged = taus[0]
         for tau in taus[1:]:
@@ -152,8 +163,18 @@ def _check_tsd(params, n_models: int) -> None:
 
 
 def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale, stock):
-    """Gram matrix of the dropped task vectors (for `stock`); additive over chunks since masks are."""
-    return {"gram": gram(drop_(task_vectors(models, base, ctx), ctx, p, rescale=False))}
+    """Gram matrix of the dropped task vectors (for `stock`; additive over chunks since masks are), and
+    the radix counts of their trimming thresholds (k < 1)."""
+    taus = drop_(task_vectors(models, base, ctx), ctx, p, rescale)
+    out = trim_statistics(taus, ctx, k)
+    if stock and ctx.stage == 0:
+        # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
+        out["gram"] = gram(taus)
+    return out
+
+
+def _tsd_needs_statistics(params, shape) -> bool:
+    return params["stock"] or trims_tensor(params, shape)
 
 
 @merge_method(
@@ -170,9 +191,9 @@ def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale
     ),
     base="required",
     randomized=True,
-    elementwise=lambda params: params["k"] >= 1,
     statistics=tsd_statistics,
-    statistics_needed=lambda params, shape: params["stock"],
+    statistics_needed=_tsd_needs_statistics,
+    statistics_stages=trim_stages,
     check=_check_tsd,
 )
 def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock):
@@ -189,4 +210,5 @@ def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, st
         coefficient *= float(model_stock_t(stats["gram"] if "gram" in stats else gram(taus)))
         if coefficient == 0:
             return unchanged_base(base, ctx)
-    return apply_to_base(base, ties_merge(taus, k, election), coefficient)
+    return apply_to_base(base, ties_merge(taus, k, election, trim_thresholds(ctx, k, len(taus), taus[0].dtype)),
+                         coefficient)

@@ -94,6 +94,7 @@ class KeyContext:
     weights: tuple[float, ...] | None = None  # per-model weights from the recipe, None when not given
     stats: Mapping[str, Any] | None = None  # whole-tensor (or whole-block) statistics for chunked runs
     inputs_writable: bool = False  # the method may overwrite `models` and `base` (the engine's fresh copies)
+    stage: int = 0  # which stage of a staged statistics pass this call is (see MergeMethod.statistics_stages)
 
     @property
     def numel(self) -> int:
@@ -127,6 +128,10 @@ class MergeMethod:
     statistics: Callable[..., dict[str, torch.Tensor]] | None = None
     # When the statistics are needed, as a function of (params, shape of the whole tensor); None: always.
     statistics_needed: Callable[[Mapping[str, Any], tuple[int, ...]], bool] | None = None
+    # Statistics gathered in successive passes, each seeing the sums of the earlier ones in ctx.stats (and
+    # its number in ctx.stage): statistics_stages(params, compute dtype) -> number of passes; None: 1.
+    # (An exact k-th magnitude for TIES trimming is a radix select: one histogram pass per 16 bits.)
+    statistics_stages: Callable[[Mapping[str, Any], torch.dtype], int] | None = None
     # Statistic computed over each whole block by the analysis pass ("block" granularity of Model Stock):
     # the engine then passes ctx.stats["block_gram"], the block's float64 Gram matrix of the task vectors.
     needs_block_statistics: Callable[[Mapping[str, Any]], bool] | None = None
@@ -161,6 +166,9 @@ class MergeMethod:
         if self.statistics is None:
             return False
         return True if self.statistics_needed is None else bool(self.statistics_needed(params, tuple(shape)))
+
+    def stages(self, params: Mapping[str, Any], dtype: torch.dtype) -> int:
+        return 1 if self.statistics_stages is None else int(self.statistics_stages(params, dtype))
 
     def uses_block_statistics(self, params: Mapping[str, Any]) -> bool:
         return self.needs_block_statistics is not None and bool(self.needs_block_statistics(params))

@@ -94,14 +94,99 @@ def trim_(tau: torch.Tensor, k: float) -> torch.Tensor:
     return tau.masked_fill_(magnitude < threshold, 0)
 
 
-def ties_merge(taus: list[torch.Tensor], k: float, election: str) -> torch.Tensor:
+# Trimming in chunks: the threshold of each task vector, its m-th smallest magnitude over the WHOLE tensor,
+# is found by a radix select spread over statistics passes. Non-negative floats order like their bit
+# patterns, so stage s counts, per model, the next digit of the bits of |τᵢ| among the entries whose higher
+# bits equal the prefix the earlier stages chose. The counts add up over chunks of rows, so a tensor read in
+# chunks gets the same threshold, bit for bit, as the whole tensor: 2 passes of 16-bit digits in float32,
+# 4 in float64. (11-bit digits, 3 passes, zero fewer counters but convert every slice once more: no faster.)
+RADIX_DIGITS = {32: (16, 16), 64: (16, 16, 16, 16)}
+
+
+def trim_rank(k: float, n: int) -> int:
+    """m: the threshold is the m-th smallest magnitude (1-based); m <= 1 keeps everything."""
+    return max(int((1.0 - k) * n), 1)
+
+
+def trims(k: float, n: int) -> bool:
+    return 0.0 < k < 1.0 and trim_rank(k, n) > 1
+
+
+def trim_stages(params, dtype: torch.dtype) -> int:
+    """Statistics passes of a method that may trim: one per radix digit when it does, else one."""
+    if params is not None and not 0.0 < params["k"] < 1.0:
+        return 1
+    return len(RADIX_DIGITS[64 if dtype == torch.float64 else 32])
+
+
+def _magnitude_bits(tau: torch.Tensor) -> tuple[torch.Tensor, int]:
+    mag = tau.abs().reshape(-1)
+    if mag.dtype == torch.float64:
+        return mag.view(torch.int64), 64
+    return mag.to(torch.float32).view(torch.int32), 32
+
+
+def _radix_prefix(stats, index: int, stages: int, m: int, width: int) -> tuple[int, int]:
+    """(bits chosen by the first `stages` digits for model `index`, rank of the m-th value among them)."""
+    prefix, rank = 0, m
+    for stage in range(stages):
+        running = stats[f"trim_radix_{stage}"][index].cumsum(0)
+        digit = int(torch.searchsorted(running, rank))
+        rank -= int(running[digit - 1]) if digit else 0
+        prefix = (prefix << RADIX_DIGITS[width][stage]) | digit
+    return prefix, rank
+
+
+def trim_statistics(taus: list[torch.Tensor], ctx: KeyContext, k: float) -> dict[str, torch.Tensor]:
+    """Stage ctx.stage of the radix select of every task vector's trimming threshold (see above)."""
+    n = ctx.numel
+    if not trims(k, n):
+        return {}
+    m = trim_rank(k, n)
+    digits_of_model = []
+    for index, tau in enumerate(taus):
+        bits, width = _magnitude_bits(tau)
+        digits = RADIX_DIGITS[width]
+        shift = width - sum(digits[:ctx.stage + 1])
+        if ctx.stage:
+            prefix, _ = _radix_prefix(ctx.stats, index, ctx.stage, m, width)
+            bits = bits[(bits >> (shift + digits[ctx.stage])) == prefix]
+        # one bincount for all models: model i's digits offset by i·2^d
+        digits_of_model.append(((bits >> shift) & ((1 << digits[ctx.stage]) - 1)).add_(index << digits[ctx.stage]))
+    size = 1 << digits[ctx.stage]
+    counts = torch.bincount(torch.cat(digits_of_model), minlength=len(taus) * size)
+    return {f"trim_radix_{ctx.stage}": counts.view(len(taus), size)}
+
+
+def trim_thresholds(ctx: KeyContext, k: float, n_models: int, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """The whole-tensor thresholds from a complete radix select in ctx.stats, or None without one."""
+    stats = ctx.stats or {}
+    stages = trim_stages(None, dtype)
+    if not trims(k, ctx.numel) or f"trim_radix_{stages - 1}" not in stats:
+        return None
+    m = trim_rank(k, ctx.numel)
+    bits_dtype, float_dtype = (torch.int64, torch.float64) if dtype == torch.float64 else (torch.int32, torch.float32)
+    width = 64 if dtype == torch.float64 else 32
+    out = []
+    for index in range(n_models):
+        prefix, _ = _radix_prefix(stats, index, stages, m, width)
+        out.append(torch.tensor(prefix, dtype=bits_dtype).view(float_dtype))
+    return out
+
+
+def ties_merge(taus: list[torch.Tensor], k: float, election: str,
+               thresholds: list[torch.Tensor] | None = None) -> torch.Tensor:
     """TIES on task vectors that are ours to overwrite: trim each to its top-k fraction, elect a sign per
     entry, and take the disjoint mean of the entries that agree with it (non-zero by construction);
-    0 where no entry agrees or the elected sign is 0."""
+    0 where no entry agrees or the elected sign is 0. `thresholds`: the whole-tensor trimming thresholds
+    when the task vectors are a chunk of rows (else each is trimmed by its own magnitudes)."""
     if k <= 0:
         return torch.zeros_like(taus[0])
-    for tau in taus:
-        trim_(tau, k)
+    for index, tau in enumerate(taus):
+        if thresholds is None:
+            trim_(tau, k)
+        else:
+            tau.masked_fill_(tau.abs() < thresholds[index].to(tau.device, tau.dtype), 0)
     scratch = torch.empty_like(taus[0])  # one buffer for every sign, instead of a fresh tensor per model
     if election == "mass":
         votes = taus[0].clone()
@@ -152,11 +237,19 @@ def _ties(models, base, ratio, ctx: KeyContext, k, scale, election):
     if coefficient == 0 or k == 0:
         return unchanged_base(base, ctx)
     taus = task_vectors(models, base, ctx)
-    return apply_to_base(base, ties_merge(taus, k, election), coefficient)
+    thresholds = trim_thresholds(ctx, k, len(taus), taus[0].dtype)
+    return apply_to_base(base, ties_merge(taus, k, election, thresholds), coefficient)
 
 
-def _whole_tensor_unless_untrimmed(params) -> bool:
-    return params["k"] >= 1
+def ties_statistics(models, base, ctx: KeyContext, k, scale, election):
+    return trim_statistics(task_vectors(models, base, ctx), ctx, k)
+
+
+def trims_tensor(params, shape) -> bool:
+    n = 1
+    for d in shape:
+        n *= d
+    return trims(params["k"], n)
 
 
 @merge_method(
@@ -168,7 +261,9 @@ def _whole_tensor_unless_untrimmed(params) -> bool:
         Param("election", str, "mass", ELECTION_HELP, choices=ELECTION),
     ),
     base="required",
-    elementwise=_whole_tensor_unless_untrimmed,
+    statistics=ties_statistics,
+    statistics_needed=trims_tensor,
+    statistics_stages=trim_stages,
 )
 def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
     return _ties(models, base, ratio, ctx, k, scale, election)
@@ -183,7 +278,9 @@ def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
         Param("election", str, "count", ELECTION_HELP, choices=ELECTION),
     ),
     base="required",
-    elementwise=_whole_tensor_unless_untrimmed,
+    statistics=ties_statistics,
+    statistics_needed=trims_tensor,
+    statistics_stages=trim_stages,
 )
 def ties_soup(models, base, ratio, ctx: KeyContext, k, scale, election):
     return _ties(models, base, ratio, ctx, k, scale, election)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 
+# Before torch loads: spinning OpenMP threads make renders 20-50x slower on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from merge_lab.demo_models import make_family
+from merge_lab.hashing import cache_dir
+from merge_lab.layouts import TINY_WIDTH
+
+# The CLIP tokenizer is built once at set-up (`make setup` -> `merge-lab setup-tokenizer`) into the user's
+# cache; the per-test cache folder below must not hide it.
+os.environ.setdefault("MERGE_LAB_TOKENIZER_DIR", str(cache_dir() / "clip-tokenizer"))
 
 # Merge tests use width 8 and a 256-token vocabulary: the real key set, ~1-2 M parameters per model.
 TEST_WIDTH = 8
@@ -46,3 +55,30 @@ def sd2_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd1_fp32_family(tmp_path_factory):
     return _family(tmp_path_factory, "sd1", dtype=torch.float32, finetunes=2)
+
+
+# Preview tests render: width 32 (GroupNorm(32)) and CLIP's 49408-token vocabulary.
+RENDER_VOCAB = 49408
+
+
+def _render_family(tmp_path_factory, arch, finetunes):
+    folder = tmp_path_factory.mktemp(f"render-{arch}")
+    return make_family(arch, folder, finetunes=finetunes, width=TINY_WIDTH, vocab=RENDER_VOCAB, prefix=arch)
+
+
+@pytest.fixture(scope="session")
+def render_sd1_family(tmp_path_factory):
+    """(base, [ft1, ft2]) renderable tiny SD1.5 fp16 checkpoints."""
+    return _render_family(tmp_path_factory, "sd1", 2)
+
+
+@pytest.fixture(scope="session")
+def render_sd2_family(tmp_path_factory):
+    """(base, [ft1]) renderable tiny SD2 fp16 checkpoints."""
+    return _render_family(tmp_path_factory, "sd2", 1)
+
+
+@pytest.fixture(scope="session")
+def render_sdxl_family(tmp_path_factory):
+    """(base, [ft1]) renderable tiny SDXL fp16 checkpoints."""
+    return _render_family(tmp_path_factory, "sdxl", 1)

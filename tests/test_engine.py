@@ -211,3 +211,17 @@ def test_sd2_and_sdxl_merge(sd2_family, sdxl_family, tmp_path):
         result = merge_to_file(Recipe(models=[str(a), str(b)], alpha=0.5, out=str(out)))
         assert result.arch == arch
         assert len(load_file(out)) == result.keys
+
+
+def test_preset_names_with_digits(sd1_family, tmp_path):
+    """FLAT_25, WRAP08, … are preset names, not value strings (their names hold digits)."""
+    from merge_lab.engine import prepare
+    from merge_lab.presets import preset_values
+
+    _, (a, b, _) = sd1_family
+    for name in ("FLAT_25", "WRAP08", "MID12_50", "GRAD_V"):
+        with prepare(Recipe(models=[str(a), str(b)], blocks=name)) as plan:
+            assert plan.ratios["IN01"] == preset_values(name, "sd1")[2]
+    with prepare(Recipe(models=[str(a), str(b)], blocks="0," + ",".join(["0.25"] * 25))) as by_values, \
+            prepare(Recipe(models=[str(a), str(b)], blocks="FLAT_25")) as by_name:
+        assert by_values.fingerprint == by_name.fingerprint

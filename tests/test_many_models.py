@@ -36,12 +36,13 @@ def many_sdxl(tmp_path_factory):
 def small_units(monkeypatch):
     from merge_lab import engine
 
-    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", 2048)
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 512)
+    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", 8192)  # the bigger tiny tensors split into several units
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 2048)
     monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
 
 
-@pytest.mark.parametrize("method", ["weighted_sum"])
+# The methods of the published many-model recipes (TIES-SOUP, TSD, Model Stock) and the plain mean.
+@pytest.mark.parametrize("method", ["weighted_sum", "ties_soup", "tsd", "model_stock", "ties"])
 def test_forty_models_chunked_equals_unchunked(many_sdxl, method, monkeypatch):
     base, models = many_sdxl
     recipe = Recipe(models=[str(p) for p in models], method=method, alpha=1.0,
@@ -53,11 +54,14 @@ def test_forty_models_chunked_equals_unchunked(many_sdxl, method, monkeypatch):
         chunked = merge_to_state_dict(recipe.replace(threads=3)).state_dict
     assert set(whole) == set(chunked)
     for k in whole:
-        assert torch.equal(whole[k], chunked[k]), k
-    # and the mean of 40 is what it should be (a spot check on one key)
-    key = "model.diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight"
-    expected = sum(load_file(p)[key].float() for p in models) / N_MODELS
-    torch.testing.assert_close(whole[key].float(), expected, atol=2e-3, rtol=2e-3)
+        if method == "model_stock":  # its whole-tensor cosines are summed per chunk: float64 rounding
+            torch.testing.assert_close(whole[k].float(), chunked[k].float(), atol=1e-3, rtol=0)
+        else:
+            assert torch.equal(whole[k], chunked[k]), k
+    if method == "weighted_sum":  # and the mean of 40 is what it should be (a spot check on one key)
+        key = "model.diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight"
+        expected = sum(load_file(p)[key].float() for p in models) / N_MODELS
+        torch.testing.assert_close(whole[key].float(), expected, atol=2e-3, rtol=2e-3)
 
 
 def test_units_in_flight_stay_within_the_budget(many_sdxl):
@@ -75,3 +79,26 @@ def test_units_in_flight_stay_within_the_budget(many_sdxl):
                 n = task.numel if rows is None else (rows[1] - rows[0]) * row
                 # a unit holds at least one row; beyond that it stays within its share of the budget
                 assert n * per_element <= max(share, row * per_element), (task.key, rows)
+
+
+def test_forty_model_ties_stays_small(many_sdxl, tmp_path):
+    """Peak memory of a 40-model TIES merge in its own process. Per-slice radix counts (40 × 65536 bins)
+    once fragmented the heap into 14 GB on these tiny models and got CI killed; now it is a few hundred MB."""
+    import json
+    import subprocess
+    import sys
+
+    base, models = many_sdxl
+    code = (
+        "import json, resource, sys\n"
+        "from merge_lab.engine import merge_to_file\n"
+        "from merge_lab.recipe import Recipe\n"
+        "a = json.loads(sys.argv[1])\n"
+        "merge_to_file(Recipe(models=a['models'], base=a['base'], method='ties', out=a['out']))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    args = json.dumps({"models": [str(p) for p in models], "base": str(base), "out": str(tmp_path / "o.safetensors")})
+    run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    peak_mb = int(run.stdout.split()[-1])
+    assert peak_mb < 1500, f"peak RSS {peak_mb} MB"

@@ -46,11 +46,11 @@ def test_every_method_chunked_equals_unchunked(sd1_family, method, params, n):
     whole = merge_to_state_dict(recipe_for(sd1_family, method, params, n)).state_dict
     recipe = recipe_for(sd1_family, method, params, n, memory_budget="1MB", threads=8)
     with prepare(recipe, hash_inputs=False) as plan:
-        chunkable = plan.method.chunkable(plan.params)
+        assert plan.method.chunkable(plan.params)  # every one, TIES trimming included
+        assert max(len(t.chunks) for t in plan.tasks if t.action == "merge") > 1
         trims = plan.params.get("k", 1.0) < 1 and plan.params.get("combine", "ties") == "ties"
-        assert chunkable == (not trims)  # TIES trimming with k < 1 needs the whole tensor
-        if chunkable:
-            assert max(len(t.chunks) for t in plan.tasks if t.action == "merge") > 1
+        if trims:  # the whole-tensor thresholds come from a radix select over the chunks
+            assert any(t.needs_stats for t in plan.tasks)
         chunked = merge_to_state_dict(recipe, plan=plan).state_dict
     statistics = bool(params.get("stock")) or (method == "model_stock" and
                                                params.get("granularity", "tensor") == "tensor")
@@ -206,3 +206,15 @@ def test_sdxl_model_stock_per_block(sdxl_family):
     assert len(result.state_dict) == 2515
     k = "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight"  # block TE2
     assert not torch.equal(result.state_dict[k], base[k])
+
+
+def test_ties_trimming_in_chunks_is_exact_in_float64(sd1_family):
+    """float64 thresholds take four radix passes of 16 bits; chunks still give the whole tensor's bits."""
+    recipe = recipe_for(sd1_family, "ties", {"k": 0.3}, 3, precision="float64", dtype="fp32")
+    whole = merge_to_state_dict(recipe).state_dict
+    with prepare(recipe.replace(memory_budget="1MB", threads=8), hash_inputs=False) as plan:
+        assert plan.method.stages(plan.params, plan.compute_dtype) == 4
+        assert any(t.needs_stats for t in plan.tasks)
+        chunked = merge_to_state_dict(plan.recipe, plan=plan).state_dict
+    for key in whole:
+        assert torch.equal(chunked[key], whole[key]), key

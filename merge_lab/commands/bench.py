@@ -26,6 +26,12 @@ def add_parser(sub):
     p.add_argument("--no-floor", action="store_true", help="skip the I/O floor")
     p.add_argument("--rss-models", default="", help="also run ours with these model counts, e.g. 2,4,8 "
                                                     "(peak RSS and time, model_stock and ties_soup)")
+    p.add_argument("--many", default="", help="instead: many-model merges with these model counts, e.g. "
+                                              "4,16,64 (ours only; peak RSS and time against bytes read)")
+    p.add_argument("--many-width", type=int, default=64, help="base width of the --many models (SDXL key set; "
+                                                             "64: 266 MB each in fp16)")
+    p.add_argument("--many-methods", default="ties_soup,tsd", help="methods of the --many runs")
+    p.add_argument("--memory-budget", default=None, help="our --memory-budget in the --many runs")
     p.add_argument("--dir", help="where the synthetic checkpoints are kept (default: the cache folder)")
     p.add_argument("--out-dir", help="where merge outputs go while measured (default: a temp folder beside the "
                                      "checkpoints)")
@@ -53,7 +59,57 @@ def _measure(variant: str, spec: dict, out: Path, env: dict) -> Run:
     return Run(variant, spec["method"], seconds, rss, code == 0, "" if code == 0 else last_line)
 
 
+def run_many(args) -> int:
+    """Peak RSS and time of ours for N models (same key set and sizes), to show both flat / linear in N."""
+    counts = [int(x) for x in args.many.split(",") if x.strip()]
+    methods = [m.strip() for m in args.many_methods.split(",") if m.strip()]
+    base, fts = ensure_checkpoints("sdxl", max(counts), Path(args.dir) if args.dir else None, width=args.many_width)
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="out-", dir=base.parent))
+    env = dict(os.environ, MERGE_LAB_CACHE=str(bench_dir() / "hash-cache"), PYTHONUNBUFFERED="1")
+    os.environ["MERGE_LAB_CACHE"] = env["MERGE_LAB_CACHE"]
+    from ..hashing import sha256_file
+
+    for p in [base, *fts]:
+        sha256_file(p)
+    rows, records = [], []
+    for rep in range(args.reps):
+        for n in counts:
+            for method in methods:
+                spec = {"method": method, "models": [str(p) for p in fts[:n]], "base": str(base), "alpha": 1.0,
+                        "device": args.device}
+                if args.memory_budget:
+                    spec["memory_budget"] = args.memory_budget
+                if args.threads:
+                    spec["threads"] = args.threads
+                r = _measure("ours", spec, out_dir / f"many-{n}-{method}.safetensors", env)
+                read_gb = sum(p.stat().st_size for p in [base, *fts[:n]]) / 1e9
+                records.append({"rep": rep, "models": n, "method": method, "seconds": r.seconds,
+                                "peak_rss_mb": r.peak_rss_mb, "read_gb": read_gb, "ok": r.ok, "error": r.error})
+                print(f"rep {rep + 1} N={n:3d} {method:10s} {r.seconds:8.2f} s {read_gb:7.2f} GB read "
+                      f"{read_gb / r.seconds:6.2f} GB/s {r.peak_rss_mb:7.0f} MB{'' if r.ok else '  FAILED ' + r.error}",
+                      file=sys.stderr, flush=True)
+    import statistics
+
+    for n in counts:
+        for method in methods:
+            rs = [r for r in records if r["models"] == n and r["method"] == method and r["ok"]]
+            if not rs:
+                rows.append((n, method, "-", "-", "-", "FAILED"))
+                continue
+            secs = statistics.median(r["seconds"] for r in rs)
+            rows.append((n, method, f"{rs[0]['read_gb']:.2f}", f"{secs:.2f}", f"{rs[0]['read_gb'] / secs:.2f}",
+                         f"{max(r['peak_rss_mb'] for r in rs):.0f}"))
+    print(f"\nmany models: SDXL key set at width {args.many_width}, base + N, budget "
+          f"{args.memory_budget or 'default'}, {args.reps} repetition(s), median\n")
+    print(format_table(("models", "method", "GB read", "seconds", "GB/s", "peak RSS MB"), rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"many": records, "width": args.many_width}, indent=2))
+    return 0 if all(r["ok"] for r in records) else 1
+
+
 def run(args) -> int:
+    if args.many:
+        return run_many(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rss_counts = [int(x) for x in args.rss_models.split(",") if x.strip()]
     need = max([args.models, 2, *rss_counts])

@@ -1,26 +1,29 @@
 """`merge-lab demo`: build tiny checkpoints with the real SD1.5 and SDXL key sets, merge them with every
-method, and write the θ-per-block report (text, JSON, heatmap) of the fine-tunes."""
+method, write the θ-per-block report (text, JSON, heatmap) of the fine-tunes, render a preview of a merge
+and an X/Y/Z grid of merge ratios."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from ..analysis import analyze, format_report
-from ..demo_models import make_family
+from ..demo_models import base_state_dict, make_family, save_state_dict
 from ..engine import merge_to_file
 from ..heatmap import render_heatmap
-from ..layouts import TINY_WIDTH
+from ..layouts import TINY_WIDTH, layout_for
 from ..progress import TqdmProgress
 from ..recipe import Recipe
 from .batch import format_table
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets), merge them with every method "
-                                    "and write the θ-per-block report")
+    p = sub.add_parser("demo", help="build small demo checkpoints (real key sets), merge them with every method, "
+                                    "write the θ-per-block report, render a preview and an X/Y/Z grid")
     p.add_argument("--dir", default="demo-output", help="where models and outputs go")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-previews", action="store_true", help="only build, merge and analyze (no images)")
     return p
 
 
@@ -80,4 +83,37 @@ def run(args) -> int:
     print(format_table(("arch", "method", "output", "AutoV2", "seconds"), rows))
     print(f"\nmodels: {root / 'models'}/  merged: {root / 'merged'}/  θ reports: {root / 'analysis'}/  "
           "(inspect a model with `merge-lab info FILE`)")
+    if not args.skip_previews:
+        demo_previews(root, root / "models", root / "merged", progress=not args.no_progress)
     return 0
+
+
+def demo_previews(root: Path, models_dir: Path, out_dir: Path, *, progress: bool) -> None:
+    """A preview of one merged demo model and an X/Y/Z grid (alpha x image seed) of a merge in memory.
+
+    The demo models are untrained, so the images are abstract patterns; what they show is that the
+    pipeline renders the merged weights and how the image moves with the ratio."""
+    from ..preview import PreviewSettings
+    from ..tokenizer import vocabulary_files
+    from ..xyz import parse_axis, run_xyz
+    from .preview import save_previews
+
+    vocabulary_files()  # a clear one-line error (how to build it) before any work
+    start = time.perf_counter()
+    print("\npreview of sd1-weighted_sum (rendered from the merged file):")
+    settings = PreviewSettings(prompt="a lighthouse on a cliff at sunset", steps=4, width=128, height=128,
+                               seed=7)
+    save_previews(str(out_dir / "sd1-weighted_sum.safetensors"), settings, root / "previews")
+
+    # An unrelated second model (another seed), so that the sweep from one to the other is visible.
+    other = models_dir / "demo-sd1-other.safetensors"
+    if not other.exists():
+        save_state_dict(base_state_dict(layout_for("sd1", width=32), seed=1), other)
+    recipe = Recipe(models=[str(models_dir / "demo-sd1-ft1.safetensors"), str(other)], method="weighted_sum")
+    result = run_xyz(recipe, PreviewSettings(prompt=settings.prompt, steps=4, width=64, height=64),
+                     root / "xyz", x=parse_axis("alpha=0,0.5,1"), y=parse_axis("seed=1,2"), progress=progress)
+    print(f"X/Y/Z grid: {len(result.cells)} cells, {result.merges} merges, {result.cache_hits} cache hits")
+    for grid in result.grids:
+        print(f"  {grid}")
+    print(f"  {result.json_path}  {result.csv_path}")
+    print(f"previews took {time.perf_counter() - start:.1f} s")

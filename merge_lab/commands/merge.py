@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..engine import merge_to_file
+from ..engine import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
 from ..errors import RecipeError
+from ..hashing import autov2, remember_sha256
 from ..progress import TqdmProgress
 from ..recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
+from ..safetensors_io import SafetensorsWriter
+from .preview import add_render_arguments, save_previews, settings_from_args
 
 
 def _name_value(text: str) -> tuple[str, str]:
@@ -17,7 +21,7 @@ def _name_value(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True) -> None:
     """The recipe flags; every default is None so that only the flags given override a recipe file."""
     p.add_argument("--recipe", help="recipe file (YAML or JSON, same fields); flags override it")
     p.add_argument("--models", nargs="+", metavar="MODEL", help="input checkpoints (globs and folders allowed)")
@@ -41,7 +45,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                                                                "or copy it from the first model that has it")
     p.add_argument("--nonfinite", choices=NONFINITE_CHOICES, help="NaN/inf in an input: error (default), "
                                                                    "replace by the first model's value, or by 0")
-    p.add_argument("--out", help="output .safetensors file")
+    if include_out:
+        p.add_argument("--out", help="output .safetensors file")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -73,18 +78,57 @@ def add_parser(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_recipe_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--preview", action="store_true",
+                   help="merge in memory and render preview image(s) from the merged weights straight away "
+                        "(the model is also saved when --out is given)")
+    add_render_arguments(p)
     return p
 
 
 def run(args) -> int:
     recipe = recipe_from_args(args)
+    if args.preview:
+        return _merge_and_preview(recipe, args)
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
     with TqdmProgress(recipe.out, disable=args.no_progress) as progress:
         result = merge_to_file(recipe, progress=progress)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
     print(f"wrote {result.out}")
     print(f"  {result.arch} {result.method}, {result.keys} keys, {result.seconds:.2f} s, "
           f"recipe hash {result.fingerprint}")
     print(f"  sha256 {result.sha256}")
     print(f"  AutoV2 {result.autov2}")
+
+
+def save_state_dict(plan: MergePlan, state: dict, out: str) -> str:
+    """Write an in-memory merge with the same header and metadata as merge_to_file; returns its sha256."""
+    writer = SafetensorsWriter(out, plan.output_entries(), build_metadata(plan, Path(out).stem))
+    with writer:
+        for task in plan.tasks:
+            writer.write(task.key, state[task.key])
+        sha = writer.finish()
+    remember_sha256(out, sha)
+    return sha
+
+
+def _merge_and_preview(recipe: Recipe, args) -> int:
+    settings = settings_from_args(args)  # bad preview options fail before the merge
+    with prepare(recipe) as plan, TqdmProgress(recipe.out or "merge (in memory)", disable=args.no_progress) as bar:
+        result = merge_to_state_dict(recipe, plan=plan, progress=bar)
+        if recipe.out:
+            result.sha256 = save_state_dict(plan, result.state_dict, recipe.out)
+            result.autov2 = autov2(result.sha256)
+            result.out = recipe.out
+    if result.out:
+        _print_result(result)
+    else:
+        print(f"merged in memory (not saved): {result.arch} {result.method}, {result.keys} keys, "
+              f"{result.seconds:.2f} s, recipe hash {result.fingerprint}")
+    default_dir = Path(result.out).parent / "previews" if result.out else Path("previews")
+    save_previews(result, settings, Path(args.preview_dir) if args.preview_dir else default_dir)
     return 0
