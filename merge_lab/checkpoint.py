@@ -4,14 +4,43 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
 
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import DTYPE_NAMES, Header, SafetensorsReader, TensorInfo
+from .safetensors_io import DTYPE_NAMES, Header, SafetensorsReader, TensorInfo, valid_text
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# torch.load(weights_only=True) is the only way we unpickle, and it is only safe from torch 2.10 on:
+# GHSA-53q9-r3pm-6pq6 / CVE-2025-32434 (code execution despite weights_only, fixed in 2.6.0) and
+# CVE-2026-24747 (memory corruption in the weights-only unpickler, fixed in 2.10.0). A web UI may run an
+# older torch: there, pickles are refused and safetensors still work.
+MIN_SAFE_TORCH = (2, 10)
+
+
+def _torch_version(text: str) -> tuple[int, int]:
+    parts = re.match(r"(\d+)\.(\d+)", text)
+    return (int(parts.group(1)), int(parts.group(2))) if parts else (0, 0)
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The one useful sentence of torch's multi-paragraph weights-only error (which also suggests
+    weights_only=False: we never repeat that advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split("Check the documentation of torch.load")[0]
+    for marker in ("WeightsUnpickler error:", "from a trusted source."):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    text = " ".join(text.split(" Please use ")[0].split()).rstrip(".")
+    return text[:160] or _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 class PickleReader:
@@ -20,35 +49,50 @@ class PickleReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        try:
-            try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, ValueError) as e:
-                if "mmap" not in str(e) and "zip" not in str(e).lower():
-                    raise
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"refused: the pickle holds more than tensors (weights-only load: {first[:160]})",
-                                  path=self.path) from None
-        except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile, TypeError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot load checkpoint: {first[:160]}", path=self.path) from None
+        if _torch_version(torch.__version__) < MIN_SAFE_TORCH:
+            raise CheckpointError(
+                f"refused: loading pickle checkpoints safely needs torch >= {'.'.join(map(str, MIN_SAFE_TORCH))} "
+                f"(this is torch {torch.__version__}, whose weights-only loader has known code-execution "
+                "bugs); convert the file to .safetensors with a current torch", path=self.path)
+        obj = self._load()
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
-            raise CheckpointError("checkpoint is not a state dict", path=self.path)
+            raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict", path=self.path)
         self._tensors: dict[str, torch.Tensor] = {}
         infos: dict[str, TensorInfo] = {}
         for key, value in obj.items():
             if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-                continue
+                continue  # optimizer state, step counters, …: not weights
+            if not valid_text(key):
+                raise CheckpointError("tensor name is not valid Unicode (lone surrogate)", path=self.path, key=key)
             if value.dtype not in DTYPE_NAMES:
                 raise CheckpointError(f"unsupported dtype {value.dtype}", path=self.path, key=key)
+            if value.layout != torch.strided or value.is_quantized:
+                raise CheckpointError(f"unsupported tensor layout {value.layout}", path=self.path, key=key)
             self._tensors[key] = value
             nbytes = value.numel() * value.element_size()
             infos[key] = TensorInfo(key, DTYPE_NAMES[value.dtype], tuple(value.shape), 0, nbytes)
         self.header = Header(self.path, os.path.getsize(self.path), 0, infos, {})
+
+    def _load(self):
+        try:
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, ValueError) as e:
+                if "mmap" not in str(e) and "zip" not in str(e).lower():
+                    raise
+                # the legacy (non-zip) format cannot be memory-mapped; same weights-only unpickler
+                return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError("refused: the pickle holds something other than tensors, or is damaged; "
+                                  f"nothing in it was run (weights-only loader: {_unpickler_reason(e)})",
+                                  path=self.path) from None
+        except MemoryError:
+            raise CheckpointError("cannot load checkpoint: out of memory", path=self.path) from None
+        except Exception as e:  # torch.load has many failure modes on a damaged file; none of them ran code
+            raise CheckpointError(f"cannot load checkpoint: {type(e).__name__}: {_first_line(e)}",
+                                  path=self.path) from None
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:

@@ -7,10 +7,12 @@ import argparse
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 
 from . import __version__
-from .errors import MergeLabError
+from .errors import MergeLabError, one_line_path
 
 COMMANDS = ["info", "merge", "batch", "preview", "xyz", "methods", "presets", "analyze", "demo", "bench",
             "setup_tokenizer", "ui"]
@@ -47,20 +49,38 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every `finally` and `with` cleans up."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads (the commands import it): OpenMP threads that spin while waiting made previews
     # 20-50x slower on a busy 2-core machine; passive waiting costs next to nothing when it is idle.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args._run(args) or 0)
     except MergeLabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    except OSError as e:  # a file-system error no code path turned into a MergeLabError: still one line
+        where = f"{one_line_path(e.filename)}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print("interrupted: no partial output was left behind", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

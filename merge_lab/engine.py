@@ -31,9 +31,10 @@ from ._own import methods
 from .arch import MODELSPEC_ARCH, Architecture, detect
 from .blocks import block_of, parse_values, resolve_ratios
 from .checkpoint import open_checkpoint
-from .errors import MergeCancelled, MergeLabError, RecipeError
+from .errors import CheckpointError, MergeCancelled, MergeLabError, RecipeError
 from .hashing import autov2, legacy_hash, remember_sha256, sha256_file
-from .recipe import Recipe, parse_size
+from .presets import names_preset, preset_values
+from .recipe import Recipe, check_output_path, parse_size
 from .safetensors_io import DTYPES, ITEMSIZE, OutputEntry, SafetensorsWriter
 
 DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -129,6 +130,22 @@ class MergePlan:
         return {k: v for k, v in record.items() if v is not None}
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A sum is one fast pass without a mask, and NaN / inf propagate
+    through it; only when it is not finite (or merely overflows) is the element-wise test needed."""
+    if not t.is_floating_point():
+        return True
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite_message(inp: Input, key: str) -> str:
+    """Counted over the whole tensor (the error path reads it once more), whatever unit found the first."""
+    t = inp.reader.read(key)
+    return (f"holds {int(torch.isnan(t).sum())} NaN and {int(torch.isinf(t).sum())} inf values (of {t.numel()}); "
+            "use --nonfinite take-first or --nonfinite zero to merge anyway")
+
+
 def _dtype_flag(dtype: str) -> str:
     return {v: k for k, v in DTYPE_FLAGS.items()}.get(dtype, dtype)
 
@@ -188,19 +205,9 @@ def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
     spec = recipe.blocks
     if spec is None or spec == "":
         return None
-    if isinstance(spec, str) and not _is_number(spec.split(",")[0]):  # a preset name (FLAT_25, WRAP08, …)
-        from .presets import preset_values
-
+    if names_preset(spec):
         return preset_values(spec.strip(), arch)
     return parse_values(spec)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _dominant_float_dtype(inp: Input) -> str:
@@ -298,8 +305,15 @@ def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, in
 
 def _hash_inputs(inputs: list[Input]) -> dict[str, str]:
     paths = sorted({inp.path for inp in inputs})
+
+    def one(path: str) -> str:
+        try:
+            return sha256_file(path)
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from None
+
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1)) as pool:
-        return dict(zip(paths, pool.map(sha256_file, paths)))
+        return dict(zip(paths, pool.map(one, paths)))
 
 
 def fingerprint(plan: MergePlan) -> str:
@@ -425,9 +439,10 @@ class Executor:
         return raws
 
     def _slices(self, shape: tuple[int, ...], whole: bool = False):
-        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None for 0-d tensors, and for
-        tensors the method needs whole)."""
-        if not shape or whole:
+        """Row-aligned [start, stop) ranges of about SLICE_ELEMENTS elements (None: the whole tensor, for
+        0-d and empty ones and for tensors the method needs whole; an empty [2**40, 0] tensor must not
+        become 2**22 empty slices)."""
+        if not shape or whole or not math.prod(shape):
             yield None
             return
         row = math.prod(shape[1:]) or 1
@@ -461,17 +476,21 @@ class Executor:
         return models, base
 
     def _check_finite(self, task: KeyTask, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply the `nonfinite` policy to the inputs of one slice of a key, in input order.
+
+        error: raise, naming the first input (file) that holds NaN/inf and the key;
+        take-first: a NaN/inf of a later input takes the first model's value at that element, and where
+        that is not finite either (or in the first model itself) 0;
+        zero: every NaN/inf becomes 0.
+        """
         plan = self.plan
-        # A sum is one fast pass and is non-finite whenever an element is; only then look closer.
-        bad = [i for i, t in enumerate(tensors) if not bool(torch.isfinite(t.sum())) and
-               not bool(torch.isfinite(t).all())]
+        bad = [i for i, t in enumerate(tensors) if not _all_finite(t)]
         if not bad:
             return tensors
         policy = plan.recipe.nonfinite
         if policy == "error":
             inp = plan.inputs[bad[0]]
-            raise MergeLabError("holds NaN or inf values; use --nonfinite take-first or zero to merge anyway",
-                                path=inp.path, key=task.key)
+            raise MergeLabError(_nonfinite_message(inp, task.key), path=inp.path, key=task.key)
         first = tensors[0]
         out = list(tensors)
         for i in bad:
@@ -482,6 +501,16 @@ class Executor:
             t[~torch.isfinite(t)] = 0
             out[i] = t
         return out
+
+    def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor) -> torch.Tensor:
+        """A copied key (never merged, or missing elsewhere) has one source: NaN/inf in it is an error, or
+        0 under take-first and zero (the source is the first model that has it)."""
+        if _all_finite(tensor):
+            return tensor
+        inp = self.plan.inputs[task.source]
+        if self.plan.recipe.nonfinite == "error":
+            raise MergeLabError(_nonfinite_message(inp, task.key), path=inp.path, key=task.key)
+        return torch.where(torch.isfinite(tensor), tensor, torch.zeros((), dtype=tensor.dtype))
 
     def _context(self, task: KeyTask, first_row: int, stats=None, writable: bool = False):
         M = methods()
@@ -541,8 +570,12 @@ class Executor:
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
         if task.action == "copy":
-            t = plan.inputs[task.source].reader.read(task.key, unit.rows)
-            return t if t.dtype == out_dtype else t.to(out_dtype)
+            t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows))
+            out = t if t.dtype == out_dtype else t.to(out_dtype)
+            if out is not t and not _all_finite(out):
+                raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "
+                                    "--dtype fp32", path=plan.inputs[task.source].path, key=task.key)
+            return out
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
         raws = self._read_raw(task, unit.rows)
@@ -554,7 +587,7 @@ class Executor:
                 models, base = self._convert(task, raws, None)
                 result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
                 self._check_shape(result, models[0], task)
-                return result.to(device="cpu", dtype=out_dtype)
+                return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
             stats = stats_future.result() if stats_future is not None else None
             whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape),
                                                                   method.keeps_whole(task.shape)) == 1
@@ -573,9 +606,17 @@ class Executor:
                     out.copy_(result)
                 else:
                     out[rows[0]:rows[1]].copy_(result)
-            return out
+            return self._check_result(out, task)
         except ValueError as e:
             raise MergeLabError(f"{method.name}: {e}", key=task.key) from None
+
+    def _check_result(self, out: torch.Tensor, task: KeyTask) -> torch.Tensor:
+        # Finite inputs can still give inf: a value beyond the output dtype's range (fp16: 65504), or a
+        # method dividing by ~0. Writing it would silently break the model.
+        if not _all_finite(out):
+            raise MergeLabError(f"the merged value is NaN or inf (beyond the range of {task.out_dtype}?); use "
+                                "--dtype fp32 or smaller ratios", key=task.key)
+        return out
 
     def _check_shape(self, result: torch.Tensor, like: torch.Tensor, task: KeyTask) -> None:
         if result.shape != like.shape:
@@ -611,7 +652,10 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
         sha = plan.hashes.get(inp.path)
         if not sha:
             continue
-        entry: dict[str, Any] = {"name": inp.name, "legacy_hash": legacy_hash(inp.path)}
+        try:
+            entry: dict[str, Any] = {"name": inp.name, "legacy_hash": legacy_hash(inp.path)}
+        except OSError as e:
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path=inp.path) from None
         own = inp.reader.metadata.get("sd_merge_recipe")
         if own:
             with contextlib.suppress(ValueError):
@@ -648,6 +692,7 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
     plan = plan or prepare(recipe)
     try:
         out = Path(recipe.out)
+        check_output_path(out, [inp.path for inp in plan.inputs])  # also when the plan came from elsewhere
         metadata = build_metadata(plan, out.stem)
         if not recipe_metadata:
             metadata = {k: v for k, v in metadata.items() if k not in RECIPE_METADATA_KEYS}

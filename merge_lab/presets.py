@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def presets() -> dict[str, tuple[float, ...]]:
         name, values = line.split("\t")
         table[name] = tuple(float(v) for v in values.split(","))
     return table
+
+
+def names_preset(spec) -> bool:
+    """Whether a `blocks` value names a preset (FLAT_25, WRAP08, …) rather than listing ratios."""
+    if not isinstance(spec, str):
+        return False
+    first = re.split(r"[,\n]", spec, maxsplit=1)[0]
+    try:
+        float(first)
+    except ValueError:
+        return True
+    return False
 
 
 def preset_values(name: str, arch: str) -> list[float]:

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import queue
+import secrets
+import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -23,11 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, show
 
 # A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_NDIM = 16
+_U64_MAX = (1 << 64) - 1  # safetensors sizes and offsets are u64 (usize)
+# torch sizes are int64: a larger dimension (possible in an empty tensor, [0, 2**64 - 1]) is refused
+# here rather than by torch deep inside a merge.
+_MAX_DIM = (1 << 63) - 1
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -89,42 +95,105 @@ def _fail(path, reason, key=None):
 
 
 def _no_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate JSON key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # called for every JSON object: the common case stays in C
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate JSON key {show(k)}")
+            seen.add(k)
     return out
 
 
-def read_header(path: str | os.PathLike) -> Header:
-    """Read and validate a safetensors header without reading any tensor data."""
-    path = os.fspath(path)
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN / Infinity; safetensors does not
+
+
+def valid_text(s: str) -> bool:
+    """False for strings holding lone surrogates (a JSON \\ud800 escape): they are not Unicode text."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                _fail(path, f"file is {size} bytes, too short for a header")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                _fail(path, f"header length {n} runs past the end of the file ({size} bytes): truncated?")
-            raw = f.read(n)
-    except CheckpointError:
-        raise
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_prefix_and_json(path: str) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes); never reads more than the file holds or the limit allows."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot open: {e.strerror or e}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError("not a regular file", path=path)
+        size = st.st_size
+        prefix = _pread_exactly(fd, min(8, size), 0)
+        if len(prefix) < 8:
+            _fail(path, f"file is {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            _fail(path, f"header length {n} runs past the end of the file ({size} bytes): truncated?")
+        raw = _pread_exactly(fd, n, 8)
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from None
+    finally:
+        os.close(fd)
     if len(raw) != n:
         _fail(path, "file shrank while reading the header")
+    return size, n, raw
+
+
+def _pread_exactly(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes at `offset` (fewer only if the file ends first)."""
+    chunks, done = [], 0
+    while done < n:
+        chunk = os.pread(fd, n - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _usize_product(values) -> int | None:
+    """The product, or None when some partial product leaves the u64 range (safetensors' checked_mul)."""
+    product = 1
+    for v in values:
+        product *= v
+        if product > _U64_MAX:
+            return None
+    return product
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate a safetensors header without reading any tensor data.
+
+    Raises CheckpointError (one line, naming the file and key) for every malformed file. What is checked,
+    in order: the file is a regular file; the 8-byte length fits the file and the 100 MB limit; the header
+    is strict UTF-8 JSON (no duplicate keys, no NaN/Infinity, no lone surrogates) and an object; the
+    ``__metadata__`` maps strings to strings; every tensor has a known dtype, a shape of at most 16
+    dimensions, each from 0 to 2**63 - 1 (torch's int64 sizes), whose size in bits fits in u64, and
+    ``data_offsets`` [begin, end] with end - begin equal to that byte size; the tensors, in offset order,
+    tile the data section exactly (no overlap, no hole, nothing after the last one), as the safetensors
+    library requires.
+    Memory: nothing is allocated from a size the file claims; the header bytes (at most the file size)
+    and their parsed JSON are the only allocations.
+    """
+    path = os.fspath(path)
+    size, n, raw = _read_prefix_and_json(path)
     try:
-        text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        _fail(path, f"header is not valid UTF-8 JSON ({str(e).splitlines()[0][:120]})")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _fail(path, f"header is not valid UTF-8 JSON ({first[:120]})")
+    del raw
     if not isinstance(obj, dict):
-        _fail(path, "header is not a JSON object")
+        _fail(path, f"header is a JSON {type(obj).__name__}, not an object")
 
     data_start = 8 + n
     data_size = size - data_start
@@ -132,45 +201,53 @@ def read_header(path: str | os.PathLike) -> Header:
     raw_meta = obj.pop("__metadata__", None)
     if raw_meta is not None:
         if not isinstance(raw_meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_meta.items()
+            isinstance(k, str) and isinstance(v, str) and valid_text(k) and valid_text(v)
+            for k, v in raw_meta.items()
         ):
             _fail(path, "__metadata__ must map strings to strings")
         metadata = dict(raw_meta)
 
     infos: list[TensorInfo] = []
     for key, entry in obj.items():
-        if not key:
-            _fail(path, "empty tensor name")
+        if not valid_text(key):
+            _fail(path, "tensor name is not valid Unicode (lone surrogate)", key)
         if not isinstance(entry, dict):
             _fail(path, "tensor entry is not an object", key)
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            _fail(path, f"unknown dtype {dtype!r}", key)
+            _fail(path, f"unsupported dtype {show(dtype)} (supported: {', '.join(DTYPES)})", key)
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(type(d) is int and d >= 0 for d in shape)):
-            _fail(path, f"bad shape {str(shape)[:80]}", key)
+                or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
+            _fail(path, f"bad shape {show(shape)} (at most {MAX_NDIM} non-negative integers)", key)
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int for o in offsets)):
-            _fail(path, f"bad data_offsets {str(offsets)[:80]}", key)
+                or not all(type(o) is int and 0 <= o <= _U64_MAX for o in offsets)):
+            _fail(path, f"bad data_offsets {show(offsets)} (two non-negative integers)", key)
+        numel = _usize_product(shape)
+        if numel is None or numel * ITEMSIZE[dtype] * 8 > _U64_MAX:
+            _fail(path, f"shape {show(shape)} is too large", key)
         begin, end = offsets
-        if not 0 <= begin <= end:
+        if begin > end:
             _fail(path, f"data_offsets {offsets} are not ordered", key)
         if end > data_size:
-            _fail(path, f"tensor data ends at byte {end}, past the data section ({data_size} bytes): truncated?", key)
-        expected = math.prod(shape) * ITEMSIZE[dtype]
+            _fail(path, f"tensor data ends at byte {end}, past the data section ({data_size} bytes): truncated?",
+                  key)
+        expected = numel * ITEMSIZE[dtype]
         if end - begin != expected:
             _fail(path, f"shape {shape} of {dtype} needs {expected} bytes, data_offsets give {end - begin}", key)
         infos.append(TensorInfo(key, dtype, tuple(shape), data_start + begin, data_start + end))
 
     infos.sort(key=lambda t: (t.begin, t.end))
-    previous = None
+    position = data_start
     for info in infos:
-        if previous is not None and info.begin < previous.end:
-            _fail(path, f"tensor data overlaps {previous.key!r}", info.key)
-        if info.nbytes:
-            previous = info
+        if info.begin < position:
+            _fail(path, "tensor data overlaps another tensor's", info.key)
+        if info.begin > position:
+            _fail(path, f"{info.begin - position} bytes before this tensor's data belong to no tensor", info.key)
+        position = info.end
+    if position != size:
+        _fail(path, f"{size - position} bytes after the last tensor's data belong to no tensor")
     return Header(path, size, data_start, {t.key: t for t in infos}, metadata)
 
 
@@ -254,14 +331,33 @@ class OutputEntry:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 def temporary_path_for(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.partial")
+    """A fresh hidden name beside `target` (same file system, so the final rename is atomic); unique per
+    call, so two merges to the same target (two UI requests) never share a temporary file."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (any dtype, bf16 included)."""
     t = t.contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _text(s: str) -> str:
+    return s if valid_text(s) else s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _sync_directory(folder: Path) -> None:
+    """Make the rename durable; best effort (some file systems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class SafetensorsWriter:
@@ -275,7 +371,10 @@ class SafetensorsWriter:
     def __init__(self, target: str | os.PathLike, entries: list[OutputEntry], metadata: dict[str, str]):
         self.target = Path(target)
         self.entries = entries
-        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        # Metadata values may come from file names (the title): undecodable bytes become U+FFFD here, as
+        # a lone surrogate would make the header invalid JSON for safetensors.
+        meta = {_text(k): _text(v) for k, v in metadata.items()}
+        header: dict = {"__metadata__": meta} if meta else {}
         offset = 0
         for e in entries:
             header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
@@ -288,23 +387,30 @@ class SafetensorsWriter:
         self._next = 0
         self._written = 0
         self._sha = hashlib.sha256()
+        self.tmp_path = temporary_path_for(self.target)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: never write through a file or link someone else put there; mode 0o666 lets the umask
+            # decide the output's permissions, as for any file the user creates.
+            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as e:
+            raise CheckpointError(f"cannot write: {e.strerror or e}", path=self.target) from None
+        self._file = os.fdopen(fd, "wb")
         # sha256 runs at ~1-2 GB/s on one core: hash on a thread of its own, overlapping the merge.
         self._hash_queue: queue.Queue = queue.Queue(maxsize=16)
         self._hasher = threading.Thread(target=self._hash_loop, name="merge-lab-sha256", daemon=True)
         self._hasher.start()
-        self.tmp_path = temporary_path_for(self.target)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._file = open(self.tmp_path, "wb")  # noqa: SIM115  (closed in finish/abort)
-        except OSError as e:
-            raise CheckpointError(f"cannot write: {e.strerror or e}", path=self.target) from None
         self._write_raw(self._header_blob)
 
     def _hash_loop(self) -> None:
         while (item := self._hash_queue.get()) is not None:
             self._sha.update(item[0])
 
-    def _stop_hasher(self) -> None:
+    def _stop_hasher(self, discard: bool = False) -> None:
+        if discard:  # aborting: the pending chunks need no hash
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._hash_queue.get_nowait()
         if self._hasher.is_alive():
             self._hash_queue.put(None)
             self._hasher.join()
@@ -338,10 +444,14 @@ class SafetensorsWriter:
         try:
             if self._next != len(self.entries):
                 raise RuntimeError(f"output incomplete: {len(self.entries) - self._next} tensors not written")
-            self._file.flush()
-            self._file.close()
-            self._stop_hasher()
-            size = os.path.getsize(self.tmp_path)
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())  # the data is on disk before the name points at it
+                self._file.close()
+                self._stop_hasher()
+                size = os.path.getsize(self.tmp_path)
+            except OSError as e:
+                raise CheckpointError(f"write failed: {e.strerror or e}", path=self.target) from None
             if size != self.expected_size:
                 raise CheckpointError(f"output is {size} bytes, expected {self.expected_size}", path=self.target)
             check = read_header(self.tmp_path)
@@ -349,15 +459,21 @@ class SafetensorsWriter:
                 e.key: (e.dtype, e.shape) for e in self.entries
             }:
                 raise CheckpointError("output header does not re-read as written", path=self.target)
-            os.replace(self.tmp_path, self.target)
+            try:
+                os.replace(self.tmp_path, self.target)
+            except OSError as e:
+                raise CheckpointError(f"cannot move the finished file into place: {e.strerror or e}",
+                                      path=self.target) from None
         except BaseException:
             self.abort()
             raise
+        _sync_directory(self.target.parent)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._file.close()
+        self._stop_hasher(discard=True)  # no thread left waiting on the queue of a dead merge
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp_path)
 

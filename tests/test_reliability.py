@@ -1,0 +1,345 @@
+"""Nothing lost, nothing executed: malicious pickles, interrupted merges (exception, disk full, SIGINT and
+SIGTERM), writing over an input, NaN/inf in an input. Each interruption test checks that no output and no
+temporary file is left and that the inputs are byte-for-byte unchanged (sha256 before and after)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_lab.cli import main
+from merge_lab.engine import merge_to_file
+from merge_lab.errors import CheckpointError, MergeLabError
+from merge_lab.recipe import Recipe
+from merge_lab.safetensors_io import PARTIAL_SUFFIX, SafetensorsWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line of a command's stderr (the progress bar writes there too)."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def leftovers(folder) -> list[str]:
+    return [f for f in os.listdir(folder) if f.endswith(PARTIAL_SUFFIX)]
+
+
+def assert_nothing_left(out: Path, inputs, before: dict[str, str]) -> None:
+    assert not out.exists()
+    assert leftovers(out.parent) == []
+    assert {str(p): sha256(p) for p in inputs} == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# malicious pickles
+
+class CreatesAFile:
+    """Unpickling this calls Path.touch on `marker`: the stand-in for any code a pickle may run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("form", ["torch-zip", "torch-legacy", "plain-pickle"])
+def test_malicious_pickle_is_refused_and_runs_nothing(sd1_family, tmp_path, capsys, form):
+    _, (a, _, _) = sd1_family
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}, "x": CreatesAFile(marker)}
+    if form == "plain-pickle":
+        evil.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, evil, _use_new_zipfile_serialization=form == "torch-zip")
+    assert not marker.exists()
+    out = tmp_path / "out.safetensors"
+
+    code = main(["merge", "--models", str(a), str(evil), "--out", str(out)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "\n" not in err and str(evil) in err and "refused" in err, err
+    assert not marker.exists(), "the pickle ran code"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    # control: the payload is live, an unrestricted unpickler would have created the file
+    if form == "plain-pickle":
+        pickle.loads(evil.read_bytes())
+    else:
+        torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_pickles_are_refused_on_a_torch_with_known_unpickler_bugs(sd1_family, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"w": torch.zeros(3)}, plain)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(CheckpointError, match=r"needs torch >= 2\.10 \(this is torch 2\.5\.1") as info:
+        merge_to_file(Recipe(models=[str(sd1_family[1][0]), str(plain)], out=str(tmp_path / "o.safetensors")))
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# interrupted merges
+
+def test_exception_mid_merge_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_path, monkeypatch):
+    _, (a, b, _) = sd1_family
+    before = {str(p): sha256(p) for p in (a, b)}
+    real = SafetensorsWriter.write
+    calls = {"n": 0}
+
+    def failing(self, key, tensor):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise RuntimeError("boom mid-merge")
+        return real(self, key, tensor)
+
+    monkeypatch.setattr(SafetensorsWriter, "write", failing)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError, match="boom"):
+        merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))
+    assert calls["n"] == 50  # it really stopped half-way
+    assert_nothing_left(out, (a, b), before)
+
+
+class FullDisk:
+    """A file whose disk fills after `room` bytes: the write that crosses it stores part, then ENOSPC."""
+
+    def __init__(self, real, room: int):
+        self.real, self.room = real, room
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        if len(data) > self.room:
+            self.real.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_disk_full_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_path, monkeypatch, capsys):
+    _, (a, b, _) = sd1_family
+    before = {str(p): sha256(p) for p in (a, b)}
+    real_init = SafetensorsWriter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file = FullDisk(self._file, room=os.path.getsize(a) // 2)
+
+    monkeypatch.setattr(SafetensorsWriter, "__init__", init)
+    out = tmp_path / "out.safetensors"
+    code = main(["merge", "--models", str(a), str(b), "--out", str(out)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "\n" not in err and str(out) in err and "No space left on device" in err, err
+    assert_nothing_left(out, (a, b), before)
+
+
+class LosesBytes(FullDisk):
+    """A file that silently drops the bytes past `room` (a faulty network file system): no error raised."""
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        kept = data[: self.room]
+        self.room -= len(kept)
+        return self.real.write(kept)
+
+
+def test_a_silently_short_output_is_caught_before_the_rename(sd1_family, tmp_path, monkeypatch):
+    """The finished file is checked (size, header re-read) before it gets the target's name."""
+    _, (a, b, _) = sd1_family
+    before = {str(p): sha256(p) for p in (a, b)}
+    real_init = SafetensorsWriter.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file = LosesBytes(self._file, room=os.path.getsize(a) // 2)
+
+    monkeypatch.setattr(SafetensorsWriter, "__init__", init)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(CheckpointError, match=r"output is \d+ bytes, expected \d+"):
+        merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))
+    assert_nothing_left(out, (a, b), before)
+
+
+SLOW_MERGE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from merge_lab import cli
+    from merge_lab.safetensors_io import SafetensorsWriter
+
+    started, real = Path(sys.argv[1]), SafetensorsWriter.write
+
+    def slow(self, key, tensor):  # a merge of minutes, in a test: every tensor written takes 20 ms
+        started.touch()
+        time.sleep(0.02)
+        return real(self, key, tensor)
+
+    SafetensorsWriter.write = slow
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_merge_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_path, sig, code):
+    _, (a, b, _) = sd1_family
+    before = {str(p): sha256(p) for p in (a, b)}
+    out, started = tmp_path / "out.safetensors", tmp_path / "started"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(started), "merge", "--models", str(a), str(b),
+                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the merge never started writing"
+            time.sleep(0.02)
+        time.sleep(0.3)  # well inside the merge: ~15 tensors written, hundreds to go
+        assert leftovers(tmp_path), "expected the temporary file while the merge runs"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert "interrupted: no partial output was left behind" in err
+    assert "Traceback" not in err, err
+    assert_nothing_left(out, (a, b), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing over an input
+
+def test_writing_over_an_input_is_refused_under_any_name(sd1_family, tmp_path, capsys):
+    _, (a, b, _) = sd1_family
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(Path(a).read_bytes())
+    (tmp_path / "link.safetensors").symlink_to(model)
+    os.link(model, tmp_path / "hardlink.safetensors")
+    before = {str(p): sha256(p) for p in (model, b)}
+    for name in ("model.safetensors", "link.safetensors", "hardlink.safetensors", "sub/../model.safetensors"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        target = tmp_path / name
+        code = main(["merge", "--models", str(model), str(b), "--out", str(target)])
+        err = error_line(capsys.readouterr().err)
+        assert code == 2 and "\n" not in err and "is one of the inputs" in err, (name, err)
+        assert leftovers(tmp_path) == []
+        assert {str(p): sha256(p) for p in (model, b)} == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# NaN / inf in an input
+
+KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+@pytest.fixture
+def with_nan(sd1_family, tmp_path):
+    """(a, b, b with 2 NaN and 1 inf in KEY, the positions)."""
+    _, (a, b, _) = sd1_family
+    tensors = load_file(b)
+    t = tensors[KEY].clone().reshape(-1)
+    positions = [0, 5, 7]
+    t[0], t[5], t[7] = float("nan"), float("nan"), float("-inf")
+    tensors[KEY] = t.reshape(tensors[KEY].shape)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad)
+    return a, b, bad, positions
+
+
+def test_nonfinite_is_an_error_naming_file_and_key(with_nan, tmp_path, capsys):
+    a, _, bad, _ = with_nan
+    out = tmp_path / "out.safetensors"
+    before = {str(p): sha256(p) for p in (a, bad)}
+    code = main(["merge", "--models", str(a), str(bad), "--out", str(out)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and "\n" not in err, err
+    assert str(bad) in err and KEY in err and "2 NaN and 1 inf" in err and "--nonfinite" in err, err
+    assert_nothing_left(out, (a, bad), before)
+    with pytest.raises(MergeLabError, match="NaN"):  # the same through the library entry
+        merge_to_file(Recipe(models=[str(a), str(bad)], out=str(out)))
+
+
+@pytest.mark.parametrize("policy", ["take-first", "zero"])
+def test_nonfinite_take_first_and_zero(with_nan, tmp_path, policy):
+    a, b, bad, positions = with_nan
+    out, clean = tmp_path / f"{policy}.safetensors", tmp_path / "clean.safetensors"
+    assert main(["merge", "--models", str(a), str(bad), "--out", str(out), "--nonfinite", policy]) == 0
+    assert main(["merge", "--models", str(a), str(b), "--out", str(clean)]) == 0
+    got, ref = load_file(out), load_file(clean)
+    first = load_file(a)[KEY].reshape(-1).float()
+    merged = got[KEY].reshape(-1).float()
+    assert torch.isfinite(merged).all()
+    replacement = first if policy == "take-first" else torch.zeros_like(first)
+    expected = (0.5 * first[positions] + 0.5 * replacement[positions]).half().float()
+    assert torch.equal(merged[positions], expected)
+    others = torch.ones_like(merged, dtype=torch.bool)
+    others[positions] = False
+    assert torch.equal(merged[others], ref[KEY].reshape(-1).float()[others])  # only the bad elements differ
+    assert all(torch.equal(got[k], ref[k]) for k in ref if k != KEY)
+
+
+def test_a_damaged_pickle_is_one_line(tmp_path, sd1_family):
+    _, (a, _, _) = sd1_family
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save({"w": torch.zeros(3)}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:-40])
+    with pytest.raises(CheckpointError) as info:
+        merge_to_file(Recipe(models=[str(a), str(damaged)], out=str(tmp_path / "o.safetensors")))
+    assert "\n" not in str(info.value) and str(damaged) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# every value of a recipe file is checked before anything is read
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bogus": 1}, "unknown recipe field(s) bogus (valid: alpha,"),
+    ({"alpha": "high"}, "alpha must be a number, got 'high'"),
+    ({"alpha": 3}, "alpha = 3 is outside [-1.0, 2.0]"),
+    ({"block": {"IN99": 0.5}}, "unknown block 'IN99' (valid: BASE, IN00,"),
+    ({"blocks": "0.1,0.2"}, "26 block ratios"),
+    ({"method": "nope"}, "unknown method 'nope' (valid: add_difference,"),
+    ({"method": "ties", "base": "A", "params": {"k": 5}}, "k must be <= 1.0, got 5.0"),
+    ({"method": "ties", "base": "A", "params": {"election": "x"}}, "election must be one of mass, count"),
+    ({"method": "ties", "base": "A", "params": {"density": 0.5}}, "has no parameter 'density' (valid: k,"),
+    ({"weights": [1, "x"]}, "weights must be a list of numbers"),
+    ({"models": ["A", "missing.safetensors"]}, "missing.safetensors: model file not found"),
+])
+def test_recipe_file_values_are_checked(sd1_family, tmp_path, capsys, fields, message):
+    import yaml
+
+    _, (a, b, _) = sd1_family
+    recipe = {"models": [str(a), str(b)], "out": "out.safetensors", **fields}
+    recipe = {k: ([str(a) if m == "A" else m for m in v] if k == "models" else str(a) if v == "A" else v)
+              for k, v in recipe.items()}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = main(["merge", "--recipe", str(path), "--no-progress"])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out.safetensors").exists() and leftovers(tmp_path) == []
