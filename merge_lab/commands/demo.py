@@ -52,6 +52,17 @@ def demo_recipes(arch: str, base: Path, fts: list[Path], out_dir: Path) -> list[
         ("model_stock (per block)", Recipe(**three, method="model_stock", params={"granularity": "block"},
                                            alpha=1.0, out=out("model_stock-block"))),
         ("expo", Recipe(models=[a], base=base, method="expo", alpha=0.5, out=out("expo"))),
+        ("della (ties)", Recipe(**three, method="della", alpha=1.0, seed=1, out=out("della"))),
+        ("della_linear", Recipe(**three, method="della_linear", alpha=0.5, seed=1, out=out("della_linear"))),
+        ("breadcrumbs", Recipe(**three, method="breadcrumbs", alpha=0.5, out=out("breadcrumbs"))),
+        ("breadcrumbs_ties", Recipe(**three, method="breadcrumbs_ties", alpha=1.0, out=out("breadcrumbs_ties"))),
+        ("sce", Recipe(**three, method="sce", alpha=1.0, out=out("sce"))),
+        ("multislerp (task vectors)", Recipe(**three, method="multislerp", alpha=1.0, out=out("multislerp"))),
+        ("karcher", Recipe(models=[a, b, c], method="karcher", alpha=1.0, out=out("karcher"))),
+        ("nuslerp", Recipe(models=[a, c], method="nuslerp", alpha=0.5, out=out("nuslerp"))),
+        ("nearswap", Recipe(models=[a], base=base, method="nearswap", alpha=1.0, out=out("nearswap"))),
+        ("geometric_median", Recipe(models=[a, b, c], method="geometric_median", alpha=1.0,
+                                    out=out("geometric_median"))),
     ]
 
 
