@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from merge_lab._own import methods
 
 M = methods()
-SETTINGS = settings(max_examples=40, deadline=None)
+# derandomize: the same cases on every run and in CI (no flaky first sighting of a case there)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 
 @st.composite
@@ -41,11 +42,13 @@ def test_sparse_methods_at_ratio_0_and_without_sparsity(ts, ratio, name):
         close(got, call("task_arithmetic", models, base, ratio))
     elif name != "sce":  # nothing dropped: TIES without trimming
         close(got, call("ties", models, base, ratio, k=1.0, election="mass"))
-    else:  # every entry of τ* lies between the smallest and the largest agreeing τᵢ
+    else:  # every entry of τ* lies between the smallest and the largest agreeing τᵢ (at ratio 1: dividing
+        # (got − base) by a tiny ratio would only measure rounding)
         taus = torch.stack([m - base for m in models])
         lo, hi = taus.min(0).values.clamp(max=0), taus.max(0).values.clamp(min=0)
-        delta = (got - base) / ratio if ratio else torch.zeros_like(base)
+        delta = call(name, models, base, 1.0, **keep_all) - base
         assert bool(((delta >= lo - 1e-9) & (delta <= hi + 1e-9)).all())
+        close(got, base + ratio * delta)
 
 
 @SETTINGS

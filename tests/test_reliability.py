@@ -210,8 +210,11 @@ def test_signal_mid_merge_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_
     before = {str(p): sha256(p) for p in (a, b)}
     out, started = tmp_path / "out.safetensors", tmp_path / "started"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A shell starts background jobs (`make test &`, some CI runners) with SIGINT ignored, and Python then
+    # leaves it ignored: give the merge the default disposition, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(started), "merge", "--models", str(a), str(b),
-                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not started.exists():
