@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("interrupted: no partial output was left behind", file=sys.stderr)
+        if not getattr(e, "partial_kept", None):
+            print("interrupted: no partial output was left behind", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finally:
         if previous is not None:

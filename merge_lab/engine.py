@@ -354,9 +354,9 @@ class Unit:
     nbytes: int  # input bytes this unit reads
 
 
-def _units(plan: MergePlan):
+def _units(plan: MergePlan, first_task: int = 0):
     stages = plan.method.stages(plan.params, plan.compute_dtype)
-    for task in plan.tasks:
+    for task in plan.tasks[first_task:]:
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
@@ -386,9 +386,10 @@ class Executor:
         self.slice_elements = max(MIN_SLICE_ELEMENTS, min(SLICE_ELEMENTS, SLICE_BYTES // per_element))
         self.block_grams: dict[str, torch.Tensor] | None = None
 
-    def run(self, sink: Callable[[str, torch.Tensor], None]) -> None:
+    def run(self, sink: Callable[[str, torch.Tensor], None], first_task: int = 0) -> None:
+        """Merge the plan's keys from `first_task` on (a resumed merge has written the ones before)."""
         plan = self.plan
-        total = sum(u.nbytes for u in _units(plan))
+        total = sum(u.nbytes for u in _units(plan, first_task))
         done = 0
         if plan.method.uses_block_statistics(plan.params):
             # A first pass over every input: the per-block Gram matrices of the task vectors (Model Stock's
@@ -404,7 +405,7 @@ class Executor:
         stats: dict[str, Future] = {}
         pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab", initializer=_one_torch_thread)
         try:
-            for unit in _units(plan):
+            for unit in _units(plan, first_task):
                 if self.cancel is not None and self.cancel.is_set():
                     raise MergeCancelled("merge cancelled; no output written")
                 task = unit.task
@@ -683,8 +684,11 @@ RECIPE_METADATA_KEYS = ("sd_merge_recipe", "sd_merge_models")
 
 
 def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-                  plan: MergePlan | None = None, recipe_metadata: bool = True) -> MergeResult:
-    """Merge into `recipe.out`. `recipe_metadata=False` leaves out `sd_merge_recipe` / `sd_merge_models`."""
+                  plan: MergePlan | None = None, recipe_metadata: bool = True, resume: bool = False,
+                  notify: Callable[[str], None] | None = None) -> MergeResult:
+    """Merge into `recipe.out`. `recipe_metadata=False` leaves out `sd_merge_recipe` / `sd_merge_models`.
+    `resume`: keep a partial output when the merge stops, and continue one of the same merge (see
+    SafetensorsWriter); `notify` hears where it starts."""
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
     start = time.perf_counter()
@@ -696,9 +700,11 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
         metadata = build_metadata(plan, out.stem)
         if not recipe_metadata:
             metadata = {k: v for k, v in metadata.items() if k not in RECIPE_METADATA_KEYS}
-        writer = SafetensorsWriter(out, plan.output_entries(), metadata)
+        writer = SafetensorsWriter(out, plan.output_entries(), metadata, resume=resume)
+        if notify is not None and writer.resume_note:
+            notify(writer.resume_note)
         with writer:
-            Executor(plan, progress, cancel).run(writer.write)
+            Executor(plan, progress, cancel).run(writer.write, first_task=writer.entries_done)
             sha = writer.finish()
         remember_sha256(out, sha)
         return MergeResult(str(out), sha, autov2(sha), time.perf_counter() - start, plan.fingerprint,

@@ -10,6 +10,7 @@ still safetensors' own: outputs are checked by re-reading them, and the tests lo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import secrets
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,11 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, show
+
+try:
+    import fcntl  # POSIX: a resumable partial file is locked while a merge writes it
+except ImportError:  # Windows
+    fcntl = None
 
 # A header longer than this is refused before it is read (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -360,6 +367,61 @@ def _sync_directory(folder: Path) -> None:
             os.close(fd)
 
 
+JOURNAL_INTERVAL_S = 2.0  # resume mode: how often the journal records the tensors safely on disk
+
+
+def resumable_path_for(target: Path) -> Path:
+    """The fixed partial file of a resumable merge to `target` (found again by the next --resume)."""
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def _stable_header_digest(header: dict) -> str:
+    """The header's sha256 without its date: two runs of the same merge (same recipe, inputs by hash,
+    keys, shapes and dtypes) agree on it."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != "modelspec.date"}
+    stable = {**header, "__metadata__": meta}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def _read_exact(f, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    data = f.read(n)
+    if len(data) != n:
+        raise OSError(errno.EIO, "partial output shorter than its header")
+    return data
+
+
+class ResumeJournal:
+    """`.NAME.partial.json` beside the partial file: which merge it belongs to and how far it got."""
+
+    def __init__(self, partial: Path, header_digest: str):
+        self.path = partial.with_name(partial.name + ".json")
+        self.partial = partial
+        self.header_digest = header_digest
+
+    def load(self) -> dict | None:
+        """The journal's state when it belongs to this merge and its partial file holds what it claims."""
+        try:
+            state = json.loads(self.path.read_text())
+            size = os.lstat(self.partial).st_size
+        except (OSError, ValueError):
+            return None
+        if not isinstance(state, dict) or state.get("header") != self.header_digest:
+            return None
+        if not isinstance(state.get("entries"), int) or not isinstance(state.get("bytes"), int):
+            return None
+        return state if state["entries"] > 0 and state["bytes"] <= size else None
+
+    def save(self, entries: int, nbytes: int) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"header": self.header_digest, "entries": entries, "bytes": nbytes}))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose header is known up front; tensors must arrive in header order.
 
@@ -368,7 +430,11 @@ class SafetensorsWriter:
     The sha256 of the file is computed while it is written.
     """
 
-    def __init__(self, target: str | os.PathLike, entries: list[OutputEntry], metadata: dict[str, str]):
+    def __init__(self, target: str | os.PathLike, entries: list[OutputEntry], metadata: dict[str, str], *,
+                 resume: bool = False):
+        """`resume`: write to a fixed partial file beside the target (`.NAME.partial`) with a journal of the
+        tensors safely on disk, keep both when the merge stops, and continue an earlier partial file of the
+        same merge (same header but for its date) instead of starting over. `entries_done` says where."""
         self.target = Path(target)
         self.entries = entries
         # Metadata values may come from file names (the title): undecodable bytes become U+FFFD here, as
@@ -376,31 +442,93 @@ class SafetensorsWriter:
         meta = {_text(k): _text(v) for k, v in metadata.items()}
         header: dict = {"__metadata__": meta} if meta else {}
         offset = 0
+        self._data_ends = []
         for e in entries:
             header[e.key] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
             offset += e.nbytes
+            self._data_ends.append(offset)
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # 8-byte aligned data, as safetensors writes it
         self._header_blob = struct.pack("<Q", len(blob)) + blob
         self.data_size = offset
-        self.expected_size = len(self._header_blob) + offset
         self._next = 0
         self._written = 0
         self._sha = hashlib.sha256()
-        self.tmp_path = temporary_path_for(self.target)
+        self.resume = resume
+        self.entries_done = 0  # entries already in the file when it was opened (a resumed merge)
+        self.resume_note = ""
+        self._journal_time = 0.0
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: never write through a file or link someone else put there; mode 0o666 lets the umask
-            # decide the output's permissions, as for any file the user creates.
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            if resume:
+                self.tmp_path = resumable_path_for(self.target)
+                self._journal = ResumeJournal(self.tmp_path, _stable_header_digest(header))
+                self._file = self._open_resumable()
+            else:
+                self.tmp_path = temporary_path_for(self.target)
+                # O_EXCL: never write through a file or link someone else put there; mode 0o666 lets the
+                # umask decide the output's permissions, as for any file the user creates.
+                fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                             0o666)
+                self._file = os.fdopen(fd, "wb")
         except OSError as e:
             raise CheckpointError(f"cannot write: {e.strerror or e}", path=self.target) from None
-        self._file = os.fdopen(fd, "wb")
+        self.expected_size = len(self._header_blob) + offset
         # sha256 runs at ~1-2 GB/s on one core: hash on a thread of its own, overlapping the merge.
         self._hash_queue: queue.Queue = queue.Queue(maxsize=16)
         self._hasher = threading.Thread(target=self._hash_loop, name="merge-lab-sha256", daemon=True)
         self._hasher.start()
-        self._write_raw(self._header_blob)
+        if self.entries_done == 0:
+            self._write_raw(self._header_blob)
+
+    def _open_resumable(self):
+        """Open the fixed partial file: continue it when its journal matches this merge, else start over."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.tmp_path, flags, 0o666)
+        f = os.fdopen(fd, "r+b")
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CheckpointError("another merge is writing this output (its partial file is locked)",
+                                  path=self.target) from None
+        state = self._journal.load()
+        if state is None:
+            f.truncate(0)
+            self.resume_note = "no earlier partial output of this merge: starting from the first key"
+            return f
+        header_len = struct.unpack("<Q", _read_exact(f, 0, 8))[0]
+        # The earlier header is kept as it was (its modelspec.date is when the merge began); the journal
+        # checked that it equals this merge's header in everything else.
+        self._header_blob = _read_exact(f, 0, 8 + header_len)
+        done_bytes = state["bytes"]
+        f.truncate(done_bytes)  # anything after the last journal entry may be half written
+        f.seek(0)
+        remaining = done_bytes
+        while remaining:  # the sha256 of the whole file covers the part written before, too
+            chunk = f.read(min(remaining, 1 << 24))
+            if not chunk:
+                raise OSError(errno.EIO, "partial output shorter than its journal")
+            self._sha.update(chunk)
+            remaining -= len(chunk)
+        f.seek(done_bytes)
+        self._next = self.entries_done = state["entries"]
+        self.resume_note = (f"resuming at tensor {self.entries_done + 1} of {len(self.entries)} "
+                            f"({done_bytes / 1e9:.2f} GB already written)")
+        return f
+
+    def _checkpoint(self, force: bool = False) -> None:
+        """Resume mode: after a tensor is complete, record (at most every JOURNAL_INTERVAL_S) how many
+        tensors are on disk: data synced first, then the journal replaced atomically."""
+        now = time.monotonic()
+        if not force and now - self._journal_time < JOURNAL_INTERVAL_S:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        done = len(self._header_blob) + (self._data_ends[self._next - 1] if self._next else 0)
+        self._journal.save(self._next, done)  # whole tensors only: a half-written one is redone
+        self._journal_time = now
 
     def _hash_loop(self) -> None:
         while (item := self._hash_queue.get()) is not None:
@@ -438,6 +566,12 @@ class SafetensorsWriter:
         if self._written == entry.nbytes:
             self._next += 1
             self._written = 0
+            if self.resume:
+                try:
+                    self._checkpoint()
+                except OSError as e:
+                    self.abort()
+                    raise CheckpointError(f"write failed: {e.strerror or e}", path=self.target) from None
 
     def finish(self) -> str:
         """Verify and move into place; returns the sha256 of the file."""
@@ -467,15 +601,22 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+        if self.resume:
+            self._journal.remove()
         _sync_directory(self.target.parent)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        if self.resume:  # keep what is on disk for the next --resume; the journal says how much is good
+            with contextlib.suppress(Exception):
+                if not self._file.closed and self._next > self.entries_done:
+                    self._checkpoint(force=True)
         with contextlib.suppress(Exception):
             self._file.close()
         self._stop_hasher(discard=True)  # no thread left waiting on the queue of a dead merge
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_path)
+        if not self.resume:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
 
     def __enter__(self):
         return self

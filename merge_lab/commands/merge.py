@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..engine import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
-from ..errors import RecipeError
+from ..errors import MergeLabError, RecipeError
 from ..hashing import autov2, remember_sha256
 from ..progress import TqdmProgress
 from ..recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
-from ..safetensors_io import SafetensorsWriter
+from ..safetensors_io import SafetensorsWriter, resumable_path_for
 from .preview import add_render_arguments, save_previews, settings_from_args
 
 
@@ -79,6 +80,9 @@ def add_parser(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_recipe_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the partial output (.OUT.partial beside it) if the merge stops, and continue the "
+                        "partial output of the same merge if there is one")
     p.add_argument("--preview", action="store_true",
                    help="merge in memory and render preview image(s) from the merged weights straight away "
                         "(the model is also saved when --out is given)")
@@ -93,7 +97,16 @@ def run(args) -> int:
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
     with TqdmProgress(recipe.out, disable=args.no_progress) as progress:
-        result = merge_to_file(recipe, progress=progress)
+        try:
+            result = merge_to_file(recipe, progress=progress, resume=args.resume,
+                                   notify=lambda note: print(note, file=sys.stderr))
+        except (KeyboardInterrupt, MergeLabError) as e:
+            partial = resumable_path_for(Path(recipe.out))
+            if args.resume and partial.exists():
+                e.partial_kept = str(partial)
+                print(f"partial output kept: {partial}; run the same command with --resume to continue",
+                      file=sys.stderr)
+            raise
     _print_result(result)
     return 0
 
