@@ -30,7 +30,7 @@ def recipe_for(sd1_family, out, **changes):
 def tensors_and_metadata(path):
     with safe_open(path, "pt") as f:
         meta = {k: v for k, v in (f.metadata() or {}).items() if k not in ("modelspec.date", "modelspec.title")}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not iterable)
 
 
 def sha256(path) -> str:
