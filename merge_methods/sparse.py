@@ -77,6 +77,16 @@ DELLA_PARAMS = (
 )
 
 
+def _combine(taus, election):
+    """The pruned task vectors' TIES (with `election`), or their plain sum (election None)."""
+    if election is not None:
+        return ties_merge(taus, 1.0, election)
+    merged = taus[0]
+    for tau in taus[1:]:
+        merged.add_(tau)
+    return merged
+
+
 def _della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scale, election):
     _check_della({"density": density, "epsilon": epsilon}, len(models))
     coefficient = ratio * scale
@@ -85,13 +95,7 @@ def _della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scal
     taus = task_vectors(models, base, ctx)
     if density < 1:
         della_drop_(taus, ctx, density, epsilon, rescale)
-    if election is not None:
-        merged = ties_merge(taus, 1.0, election)
-    else:
-        merged = taus[0]
-        for tau in taus[1:]:
-            merged.add_(tau)
-    return apply_to_base(base, merged, coefficient)
+    return apply_to_base(base, _combine(taus, election), coefficient)
 
 
 @merge_method(
@@ -170,13 +174,7 @@ def _breadcrumbs(models, base, ratio, ctx: KeyContext, density, gamma, scale, el
     taus = task_vectors(models, base, ctx)
     for tau in taus:
         breadcrumbs_prune_(tau, density, gamma)
-    if election is not None:
-        merged = ties_merge(taus, 1.0, election)
-    else:
-        merged = taus[0]
-        for tau in taus[1:]:
-            merged.add_(tau)
-    return apply_to_base(base, merged, coefficient)
+    return apply_to_base(base, _combine(taus, election), coefficient)
 
 
 def _untouched(params) -> bool:

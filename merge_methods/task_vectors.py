@@ -174,6 +174,19 @@ def trim_thresholds(ctx: KeyContext, k: float, n_models: int, dtype: torch.dtype
     return out
 
 
+def elect_sign(taus: list[torch.Tensor], election: str, scratch: torch.Tensor) -> torch.Tensor:
+    """The elected sign per entry: mass = sgn Σ τᵢ, count = sgn Σ sgn τᵢ (`scratch`: a buffer like τ)."""
+    if election == "mass":
+        votes = taus[0].clone()
+        for tau in taus[1:]:
+            votes.add_(tau)
+    else:
+        votes = torch.sign(taus[0])
+        for tau in taus[1:]:
+            votes.add_(torch.sign(tau, out=scratch))
+    return votes.sign_()
+
+
 def ties_merge(taus: list[torch.Tensor], k: float, election: str,
                thresholds: list[torch.Tensor] | None = None) -> torch.Tensor:
     """TIES on task vectors that are ours to overwrite: trim each to its top-k fraction, elect a sign per
@@ -188,15 +201,7 @@ def ties_merge(taus: list[torch.Tensor], k: float, election: str,
         else:
             tau.masked_fill_(tau.abs() < thresholds[index].to(tau.device, tau.dtype), 0)
     scratch = torch.empty_like(taus[0])  # one buffer for every sign, instead of a fresh tensor per model
-    if election == "mass":
-        votes = taus[0].clone()
-        for tau in taus[1:]:
-            votes.add_(tau)
-    else:
-        votes = torch.sign(taus[0])
-        for tau in taus[1:]:
-            votes.add_(torch.sign(tau, out=scratch))
-    sign = votes.sign_()
+    sign = elect_sign(taus, election, scratch)
     merged, count = taus[0], torch.empty_like(taus[0])  # τ₁'s buffer collects the sum
     for index, tau in enumerate(taus):
         agrees = torch.sign(tau, out=scratch).eq_(sign)  # 1.0 / 0.0; where the sign is 0 only zeros "agree"
@@ -215,16 +220,8 @@ def ties_filter_(taus: list[torch.Tensor], k: float, election: str) -> list[torc
     What remains are the points a TIES variant combines (the geometric median of TSD's `combine`)."""
     for tau in taus:
         trim_(tau, k)
-    if election == "mass":
-        votes = taus[0].clone()
-        for tau in taus[1:]:
-            votes.add_(tau)
-    else:
-        votes = torch.sign(taus[0])
-        for tau in taus[1:]:
-            votes.add_(torch.sign(tau))
-    sign = votes.sign_()
     scratch = torch.empty_like(taus[0])
+    sign = elect_sign(taus, election, scratch)
     for tau in taus:
         tau.mul_(torch.sign(tau, out=scratch).eq_(sign))
     return taus
