@@ -68,7 +68,7 @@ def block_grams(plan: MergePlan, units: list[AnalysisUnit] | None = None, *, pro
                 cancel: threading.Event | None = None, total: int | None = None) -> BlockGrams:
     """Stream the plan's inputs once and sum each block's Gram matrix (in a fixed order: the result does
     not depend on which thread finishes first)."""
-    gram = methods().model_stock.gram
+    gram = methods().model_stock.gram  # exact: small angles between raw weights need float64 products
     units = analysis_units(plan) if units is None else units
     total = total if total is not None else sum(u.nbytes for u in units)
     loader = Executor(plan)

@@ -131,12 +131,14 @@ class MergePlan:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite. A sum is one fast pass without a mask, and NaN / inf propagate
-    through it; only when it is not finite (or merely overflows) is the element-wise test needed."""
-    if not t.is_floating_point():
+    """Whether every element is finite: NaN and ±inf propagate to the minimum or maximum, and aminmax reads
+    the tensor once without a temporary (a float32 sum of fp16 data first copied it all to float32)."""
+    if not t.is_floating_point() or t.numel() == 0:
         return True
-    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+    if t.dtype.itemsize == 1:  # float8: no aminmax on the CPU
+        return bool(torch.isfinite(t.float()).all())
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _nonfinite_message(inp: Input, key: str) -> str:
@@ -268,6 +270,7 @@ SLICE_ELEMENTS = 1 << 18
 # ...but the converted inputs of one slice together stay near this size, however many models there are.
 SLICE_BYTES = 4 << 20
 MIN_SLICE_ELEMENTS = 1 << 14
+MAX_UNITS_IN_FLIGHT = 32
 
 
 def _is_elementwise(method, params) -> bool:
@@ -344,6 +347,11 @@ def fingerprint(plan: MergePlan) -> str:
 # execution
 # --------------------------------------------------------------------------------------------------
 
+class RawInputs(list):
+    """The raw tensors of one unit, one per input, and whether every one of them is finite."""
+
+    finite = False
+
 ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, key)
 
 
@@ -352,6 +360,7 @@ class Unit:
     task: KeyTask
     rows: tuple[int, int] | None
     nbytes: int  # input bytes this unit reads
+    memory: int = 0  # bytes it holds while in flight: its inputs (one read) and its output
 
 
 def _units(plan: MergePlan, first_task: int = 0):
@@ -360,10 +369,11 @@ def _units(plan: MergePlan, first_task: int = 0):
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
+        out_item = ITEMSIZE[task.out_dtype]
         for rows in task.chunks:
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
             factor = 1 + (stages if task.needs_stats else 0)
-            yield Unit(task, rows, count * item * len(sources) * factor)
+            yield Unit(task, rows, count * item * len(sources) * factor, count * (item * len(sources) + out_item))
 
 
 def _one_torch_thread() -> None:
@@ -371,6 +381,64 @@ def _one_torch_thread() -> None:
     # cores, and on a busy machine its barrier waits made a one-worker merge 4x slower. The setting is
     # per thread, so the host's own threads keep theirs.
     torch.set_num_threads(1)
+
+
+class KeyStatistics:
+    """The whole-tensor statistics of a key too big for one unit: passes over its row chunks (read again for
+    each stage). Every thread that needs them takes chunks to compute, so the units of a big key do not wait
+    idle on one thread's passes; the chunks' sums are added in chunk order, the same bits whoever computed
+    which chunk."""
+
+    def __init__(self, executor: Executor, task: KeyTask):
+        self.executor, self.task = executor, task
+        self.stages = executor._stages()
+        self.stage = 0
+        self.total: dict = {}
+        self.parts: dict[int, dict] = {}
+        self.next_chunk = 0
+        self.error: BaseException | None = None
+        self.condition = threading.Condition()
+
+    def result(self) -> dict:
+        chunks = self.task.chunks
+        while True:
+            with self.condition:
+                if self.error is not None:
+                    raise self.error
+                if self.stage == self.stages:
+                    return self.total
+                if self.next_chunk == len(chunks):
+                    self.condition.wait()  # the last chunks of this stage are being computed
+                    continue
+                index, stage, earlier = self.next_chunk, self.stage, dict(self.total)
+                self.next_chunk += 1
+            try:
+                rows = chunks[index]
+                part = self.executor._stage_sums(self.task, self.executor._read_raw(self.task, rows),
+                                                 rows[0] if rows else 0, earlier, stage)
+            except BaseException as e:
+                with self.condition:
+                    self.error = self.error or e
+                    self.condition.notify_all()
+                raise
+            with self.condition:
+                self.parts[index] = part
+                if len(self.parts) == len(chunks):
+                    self._finish_stage()
+
+    def _finish_stage(self) -> None:
+        stage_total: dict = {}
+        for index in range(len(self.task.chunks)):
+            for name, value in self.parts[index].items():
+                if name in stage_total:
+                    stage_total[name].add_(value)
+                else:
+                    stage_total[name] = value
+        self.total.update(stage_total)
+        self.parts = {}
+        self.stage += 1
+        self.next_chunk = 0
+        self.condition.notify_all()
 
 
 class Executor:
@@ -402,7 +470,8 @@ class Executor:
             self.block_grams = block_grams(plan, units, progress=self.progress, cancel=self.cancel,
                                            total=total).grams
         window: deque[tuple[Unit, Future]] = deque()
-        stats: dict[str, Future] = {}
+        held = 0  # memory of the units in the window
+        stats: dict[str, KeyStatistics] = {}
         pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab", initializer=_one_torch_thread)
         try:
             for unit in _units(plan, first_task):
@@ -413,10 +482,14 @@ class Executor:
                     # Units come key by key: an earlier key's statistics are held only by its own units'
                     # futures from here on (keeping them all held a whole model's worth of counts).
                     stats.clear()
-                    stats[task.key] = pool.submit(self._statistics, task)
-                window.append((unit, pool.submit(self._compute, unit, stats.get(task.key))))
-                while len(window) >= 2 * plan.threads:
+                    stats[task.key] = KeyStatistics(self, task)
+                # Many small units may be in flight (a big one at the head must not idle the other workers),
+                # as long as what they hold stays within the budget.
+                while window and (len(window) >= MAX_UNITS_IN_FLIGHT or held + unit.memory > plan.budget):
+                    held -= window[0][0].memory
                     done = self._drain(window, sink, done, total)
+                window.append((unit, pool.submit(self._compute, unit, stats.get(task.key))))
+                held += unit.memory
             while window:
                 done = self._drain(window, sink, done, total)
         finally:
@@ -432,11 +505,13 @@ class Executor:
         return done
 
     # -- worker side ---------------------------------------------------------------------------------
-    def _read_raw(self, task: KeyTask, rows) -> list[torch.Tensor]:
-        raws = []
+    def _read_raw(self, task: KeyTask, rows) -> RawInputs:
+        raws = RawInputs()
         for inp in self.plan.inputs:
             t = inp.reader.read(task.key, rows)
             raws.append(t.pin_memory() if self.pin else t)
+        # Checked once per read, on the raw data: every later pass over these inputs can skip the check.
+        raws.finite = all(_all_finite(t) for t in raws)
         return raws
 
     def _slices(self, shape: tuple[int, ...], whole: bool = False):
@@ -471,7 +546,8 @@ class Executor:
         plan = self.plan
         tensors = [(r if rows is None else r[rows[0]:rows[1]]).to(device=plan.device, dtype=plan.compute_dtype,
                                                                    non_blocking=True) for r in raws]
-        tensors = self._check_finite(task, tensors)
+        if not getattr(raws, "finite", False):
+            tensors = self._check_finite(task, tensors)
         models = tensors[: len(plan.models)]
         base = tensors[len(plan.models)] if plan.base else None
         return models, base
@@ -550,23 +626,7 @@ class Executor:
             total.update(self._stage_sums(task, raws, first_row, total, stage))
         return total
 
-    def _statistics(self, task: KeyTask) -> dict[str, torch.Tensor]:
-        """Whole-tensor statistics of a key too big for one unit: passes over its row chunks, read again
-        for each stage."""
-        total: dict = {}
-        for stage in range(self._stages()):
-            stage_total: dict = {}
-            for rows in task.chunks:
-                part = self._stage_sums(task, self._read_raw(task, rows), rows[0] if rows else 0, total, stage)
-                for name, value in part.items():
-                    if name in stage_total:
-                        stage_total[name].add_(value)
-                    else:
-                        stage_total[name] = value
-            total.update(stage_total)
-        return total
-
-    def _compute(self, unit: Unit, stats_future: Future | None) -> torch.Tensor:
+    def _compute(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
         plan = self.plan
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
@@ -579,17 +639,18 @@ class Executor:
             return out
         if self.cancel is not None and self.cancel.is_set():
             raise MergeCancelled("merge cancelled; no output written")
-        raws = self._read_raw(task, unit.rows)
-        first_row = unit.rows[0] if unit.rows else 0
         method = plan.method
-        writable = self._owns_converted(raws)
         try:
+            # before this unit reads its own inputs: a thread helping with the statistics holds one read
+            stats = key_statistics.result() if key_statistics is not None else None
+            raws = self._read_raw(task, unit.rows)
+            first_row = unit.rows[0] if unit.rows else 0
+            writable = self._owns_converted(raws)
             if not _is_elementwise(method, plan.params):
                 models, base = self._convert(task, raws, None)
                 result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
                 self._check_shape(result, models[0], task)
                 return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
-            stats = stats_future.result() if stats_future is not None else None
             whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape),
                                                                   method.keeps_whole(task.shape)) == 1
             if stats is None and not whole_slice and method.needs_statistics(plan.params, task.shape):
@@ -603,11 +664,10 @@ class Executor:
                 ctx = self._context(task, offset, stats, writable)
                 result = method.fn(models, base, task.ratio, ctx, **plan.params)
                 self._check_shape(result, models[0], task)
-                if rows is None:
-                    out.copy_(result)
-                else:
-                    out[rows[0]:rows[1]].copy_(result)
-            return self._check_result(out, task)
+                target = out if rows is None else out[rows[0]:rows[1]]
+                target.copy_(result)
+                self._check_result(target, task)  # while the slice is still in the CPU cache
+            return out
         except ValueError as e:
             raise MergeLabError(f"{method.name}: {e}", key=task.key) from None
 

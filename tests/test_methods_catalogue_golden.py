@@ -1,13 +1,14 @@
 """Hand-computed values for DELLA, Model Breadcrumbs, SCE, Multi-SLERP, the Karcher mean, NuSLERP, NearSwap,
 the geometric median and TSD's geometric-median combine, on small tensors, and their defined edge cases."""
 
-import hashlib
 import math
 
 import pytest
 import torch
 
 from merge_lab._own import methods
+
+from .helpers import reference_draws
 
 M = methods()
 ctx_for = M.KeyContext
@@ -16,16 +17,6 @@ ctx_for = M.KeyContext
 def call(name, models, base, ratio=1.0, ctx=None, **params):
     ctx = ctx or ctx_for(key="k", shape=tuple(models[0].shape))
     return M.get_method(name)(models, base, ratio, ctx, **params)
-
-
-def reference_draws(seed, key, index, numel):
-    """The documented uniform draws (blocks of 2**16, sha256 seeds), restated independently of drop.py."""
-    parts = []
-    for block in range(math.ceil(numel / 2**16)):
-        digest = hashlib.sha256(f"{seed}\0{key}\0{index}\0{block}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        parts.append(torch.rand(min(2**16, numel - block * 2**16), generator=g))
-    return torch.cat(parts)
 
 
 # ---- DELLA ---------------------------------------------------------------------------------------------

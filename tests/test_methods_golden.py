@@ -1,12 +1,13 @@
 """Hand-computed values for every task-vector method on small tensors, and the defined edge cases."""
 
-import hashlib
 import math
 
 import pytest
 import torch
 
 from merge_lab._own import methods
+
+from .helpers import reference_mask
 
 M = methods()
 ctx_for = M.KeyContext
@@ -22,17 +23,6 @@ SUDOKU_B = torch.tensor([[3., 4., 1., -2.], [2., 1., -4., 3.], [-1., 2., 3., 4.]
 # k = 0.5 keeps |x| >= 2 in both (the 8th smallest magnitude of 16 is 2; ties at the threshold are kept).
 SUDOKU_COUNT = torch.tensor([[3., 3., 3., 0.], [3., -3., 0., 3.], [3., 3., 3., 0.], [3., -3., 0., 3.]])
 SUDOKU_MASS = torch.tensor([[3., 3., 3., 4.], [3., -3., -4., 3.], [3., 3., 3., 4.], [3., -3., -4., 3.]])
-
-
-def reference_mask(seed, key, index, numel, p):
-    """The documented drop-mask scheme (blocks of 2**16), restated independently of merge_methods/drop.py."""
-    assert M.drop.MASK_BLOCK == 2**16
-    parts = []
-    for block in range(math.ceil(numel / 2**16)):
-        digest = hashlib.sha256(f"{seed}\0{key}\0{index}\0{block}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        parts.append(torch.rand(min(2**16, numel - block * 2**16), generator=g) >= p)
-    return torch.cat(parts)
 
 
 # ---- task arithmetic --------------------------------------------------------------------------------
@@ -136,7 +126,9 @@ def test_keep_fraction_and_rescaled_expectation():
     ctx = ctx_for(key="big", shape=(n,), seed=5)
     keep = M.drop.keep_mask(ctx, 0, n, 0.3)
     assert abs(float(keep.float().mean()) - 0.7) < 0.002
-    assert torch.equal(keep, reference_mask(5, "big", 0, n, 0.3))
+    positions = [0, 1, 2, 3, 65535, 65536, 131071, n // 2 + 1, n - 2, n - 1,
+                 *torch.randint(0, n, (200,), generator=torch.Generator().manual_seed(0)).tolist()]
+    assert torch.equal(keep[positions], reference_mask(5, "big", 0, n, 0.3, positions))
     assert not torch.equal(keep, M.drop.keep_mask(ctx, 1, n, 0.3))  # each model its own mask
     ones = torch.ones(n)
     dropped = call("dare", [ones + 1], ones, 1.0, ctx, p=0.3)  # τ = 1 everywhere
@@ -248,3 +240,14 @@ def test_inputs_untouched_unless_writable():
     for name in ("task_arithmetic", "ties", "ties_soup", "dare", "tsd", "model_stock"):
         call(name, models, base, 0.5, ctx_for(key="k", shape=(3,)))
         assert all(torch.equal(a, b) for a, b in zip(models, before[0])) and torch.equal(base, before[1]), name
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.1, 0.3, 1 / 3, 0.5, 0.9, 0.99999994, 0.99999999, 1.0])
+def test_keep_mask_is_the_draws_compared_with_p(p):
+    n = 3 * 2**17 + 5  # several pieces, an odd length
+    ctx = ctx_for(key="model.k", seed=9, shape=(n,), offset=0)
+    draws = M.drop.uniform_draws(ctx, 1, n)
+    assert torch.equal(M.drop.keep_mask(ctx, 1, n, p), draws >= p)
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    assert abs(float(draws.mean()) - 0.5) < 0.003  # uniform: mean 1/2, variance 1/12
+    assert abs(float(draws.var()) - 1 / 12) < 0.002

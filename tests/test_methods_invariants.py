@@ -124,16 +124,28 @@ def test_drop_mask_of_a_chunk_is_the_slice_of_the_whole(numel, data, seed, p):
     count = data.draw(st.integers(0, numel - start))
     whole_ctx = M.KeyContext(key="model.k", seed=seed, shape=(numel,))
     chunk_ctx = M.KeyContext(key="model.k", seed=seed, shape=(numel,), offset=start)
-    # only the blocks the chunk overlaps are drawn for the whole mask here: compare block by block
-    block = M.drop.MASK_BLOCK
-    first, last = start // block, (start + count - 1) // block if count else start // block
-    lo = first * block
-    hi = min(numel, (last + 1) * block)
-    region = M.drop.keep_mask(M.KeyContext(key="model.k", seed=seed, shape=(numel,), offset=lo), 2, hi - lo, p)
+    # counter based: a chunk's mask is the same stretch of the whole tensor's mask, wherever the chunk starts
+    lo = max(0, start - 3)
+    region = M.drop.keep_mask(M.KeyContext(key="model.k", seed=seed, shape=(numel,), offset=lo), 2,
+                              min(numel, start + count + 3) - lo, p)
     assert torch.equal(M.drop.keep_mask(chunk_ctx, 2, count, p), region[start - lo:start - lo + count])
     if numel <= 2**17:
         assert torch.equal(M.drop.keep_mask(whole_ctx, 2, numel, p)[start:start + count],
                            M.drop.keep_mask(chunk_ctx, 2, count, p))
+
+
+def test_gram_for_cosines_gives_the_same_angles():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(3 * 2**16 + 11, generator=g)
+    shared = torch.randn(base.shape, generator=g)
+    for n in (2, 3, 8, 9):  # pair by pair up to DOT_MAX_VECTORS, the exact product above
+        vs = [0.5 * shared + torch.randn(base.shape, generator=g) * (i + 1) for i in range(n)]
+        fast, exact = M.model_stock.gram_for_cosines(vs), M.model_stock.gram(vs)
+        assert fast.dtype == torch.float64 and (n > M.model_stock.DOT_MAX_VECTORS or torch.equal(fast, fast.T))
+        torch.testing.assert_close(fast, exact, rtol=1e-5, atol=0)
+        torch.testing.assert_close(M.model_stock.pairwise_cosines(fast), M.model_stock.pairwise_cosines(exact),
+                                   rtol=0, atol=1e-6)
+        assert abs(float(M.model_stock.model_stock_t(fast)) - float(M.model_stock.model_stock_t(exact))) < 1e-6
 
 
 @SETTINGS
