@@ -333,6 +333,8 @@ def fingerprint(plan: MergePlan) -> str:
         "params": plan.params,
         "weights": r.weights,
         "seed": r.seed if plan.method.randomized else None,
+        # the drop-mask scheme: the same seed draws other masks than the torch.Generator blocks before it
+        "masks": "splitmix64-bytes" if plan.method.randomized else None,
         "dtype": plan.out_dtype,
         "precision": r.precision,
         "missing": r.missing,

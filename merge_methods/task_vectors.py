@@ -210,7 +210,7 @@ def ties_merge(taus: list[torch.Tensor], k: float, election: str,
             tau.mul_(agrees)
         else:
             count.add_(agrees)
-            merged.add_(tau.mul_(agrees))
+            merged.addcmul_(tau, agrees)  # one pass; × 1 or × 0 is exact, so the sum is the same bits
     return merged.div_(count.clamp_(min=1))
 
 
