@@ -403,7 +403,10 @@ class KeyStatistics:
 
     def result(self) -> dict:
         chunks = self.task.chunks
+        cancel = self.executor.cancel
         while True:
+            if cancel is not None and cancel.is_set():
+                raise MergeCancelled("merge cancelled; no output written")
             with self.condition:
                 if self.error is not None:
                     raise self.error
