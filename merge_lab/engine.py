@@ -385,6 +385,16 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def add_statistics(total: dict, part: dict, *, owned: bool) -> None:
+    """Add one part's statistics into `total`, in place (per-part sums were a fragmenting churn of big
+    buffers). A name seen first keeps `part`'s tensor when it is ours to add into (`owned`), else a copy."""
+    for name, value in part.items():
+        if name in total:
+            total[name].add_(value)
+        else:
+            total[name] = value if owned else value.clone()
+
+
 class KeyStatistics:
     """The whole-tensor statistics of a key too big for one unit: passes over its row chunks (read again for
     each stage). Every thread that needs them takes chunks to compute, so the units of a big key do not wait
@@ -434,11 +444,7 @@ class KeyStatistics:
     def _finish_stage(self) -> None:
         stage_total: dict = {}
         for index in range(len(self.task.chunks)):
-            for name, value in self.parts[index].items():
-                if name in stage_total:
-                    stage_total[name].add_(value)
-                else:
-                    stage_total[name] = value
+            add_statistics(stage_total, self.parts[index], owned=True)
         self.total.update(stage_total)
         self.parts = {}
         self.stage += 1
@@ -614,11 +620,7 @@ class Executor:
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
-            for name, value in plan.method.statistics(models, base, ctx, **plan.params).items():
-                if name in sums:
-                    sums[name].add_(value)  # in place: per-slice sums were a fragmenting churn of big buffers
-                else:
-                    sums[name] = value.clone()  # ours to add into, whatever the method returned
+            add_statistics(sums, plan.method.statistics(models, base, ctx, **plan.params), owned=False)
         return sums
 
     def _stages(self) -> int:
