@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .median import MEDIAN_PARAMS, weiszfeld_coefficients
-from .model_stock import gram, gram_for_cosines, model_stock_t, whole_tensor_t
+from .model_stock import gram, gram_for_cosines, tensor_t
 from .registry import KeyContext, Param, merge_method
 from .task_vectors import (
     DENSITY_HELP,
@@ -41,7 +41,7 @@ from .task_vectors import (
     trims_tensor,
     unchanged_base,
 )
-from .tensors import linear_combination
+from .tensors import linear_combination, sum_
 
 # SplitMix64 (Steele, Lea & Flood 2014; Vigna's reference constants).
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -214,9 +214,7 @@ def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election,
     if combine == "ties":
         merged = ties_merge(taus, k, election, trim_thresholds(ctx, k, len(taus), taus[0].dtype))
     else:
-        merged = taus[0]
-        for tau in taus[1:]:
-            merged.add_(tau)
+        merged = sum_(taus)
     return apply_to_base(base, merged, coefficient)
 
 
@@ -290,8 +288,7 @@ def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, st
     stats = ctx.stats or {}
     if stock:
         # Rescaling multiplies every vector by the same factor: the cosines, hence t, do not change.
-        coefficient *= (whole_tensor_t(stats["gram"]) if "gram" in stats
-                        else float(model_stock_t(gram_for_cosines(taus))))
+        coefficient *= tensor_t(taus, stats)
         if coefficient == 0:
             return unchanged_base(base, ctx)
     if combine == "mean":

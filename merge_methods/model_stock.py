@@ -16,6 +16,7 @@ import torch
 
 from .registry import KeyContext, Param, merge_method
 from .task_vectors import apply_to_base, task_vectors, unchanged_base
+from .tensors import sum_
 
 # Elements converted to float64 at a time: a small buffer, reused, that stays in the CPU cache (large fresh
 # float64 copies cost more in page faults than the products themselves).
@@ -115,6 +116,12 @@ def whole_tensor_t(gram_matrix: torch.Tensor) -> float:
     return float(model_stock_t(gram_matrix))
 
 
+def tensor_t(taus: Sequence[torch.Tensor], stats) -> float:
+    """t of a whole tensor: from the engine's statistics of it ("gram") when the task vectors are a slice,
+    else from the task vectors themselves."""
+    return whole_tensor_t(stats["gram"]) if "gram" in stats else float(model_stock_t(gram_for_cosines(taus)))
+
+
 GRANULARITIES = ("tensor", "row", "block")
 
 
@@ -154,13 +161,10 @@ def model_stock(models, base, ratio, ctx: KeyContext, granularity):
             raise ValueError("granularity block needs the block statistics (computed by the engine)")
         t: float | torch.Tensor = whole_tensor_t(stats["block_gram"])
     elif granularity == "tensor" or taus[0].dim() <= 1:
-        t = whole_tensor_t(stats["gram"]) if "gram" in stats else float(model_stock_t(gram_for_cosines(taus)))
+        t = tensor_t(taus, stats)
     else:
         t = model_stock_t(row_gram(taus)).to(taus[0].device, taus[0].dtype)
         t = t.view(-1, *([1] * (taus[0].dim() - 1)))
     if isinstance(t, float) and t == 0:
         return unchanged_base(base, ctx)
-    total = taus[0]
-    for tau in taus[1:]:
-        total.add_(tau)
-    return apply_to_base(base, total, t * (ratio / n))  # θ_base + α·t·mean(τᵢ)
+    return apply_to_base(base, sum_(taus), t * (ratio / n))  # θ_base + α·t·mean(τᵢ)

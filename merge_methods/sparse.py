@@ -21,7 +21,7 @@ from .task_vectors import (
     ties_merge,
     unchanged_base,
 )
-from .tensors import rows_of
+from .tensors import rows_of, sum_
 
 # ---- DELLA -----------------------------------------------------------------------------------------
 
@@ -81,10 +81,7 @@ def _combine(taus, election):
     """The pruned task vectors' TIES (with `election`), or their plain sum (election None)."""
     if election is not None:
         return ties_merge(taus, 1.0, election)
-    merged = taus[0]
-    for tau in taus[1:]:
-        merged.add_(tau)
-    return merged
+    return sum_(taus)
 
 
 def _della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scale, election):

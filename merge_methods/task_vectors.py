@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .registry import KeyContext, Param, merge_method
+from .tensors import sum_
 
 SCALE = Param("scale", float, 1.0, "λ: multiplies the merged task vector (on top of the block ratio)")
 DENSITY_HELP = ("fraction of each task vector kept, by magnitude (1 = no trimming, 0 = nothing: the base); "
@@ -242,11 +243,7 @@ def task_arithmetic(models, base, ratio, ctx: KeyContext, scale):
     coefficient = ratio * scale
     if coefficient == 0:
         return unchanged_base(base, ctx)
-    taus = task_vectors(models, base, ctx)
-    total = taus[0]
-    for tau in taus[1:]:
-        total.add_(tau)
-    return apply_to_base(base, total, coefficient)
+    return apply_to_base(base, sum_(task_vectors(models, base, ctx)), coefficient)
 
 
 def _ties(models, base, ratio, ctx: KeyContext, k, scale, election):

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def sum_(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ vectors, added in order into the first (overwritten: it must be ours)."""
+    total = vectors[0]
+    for vector in vectors[1:]:
+        total.add_(vector)
+    return total
+
+
 def rows_of(tensor: torch.Tensor) -> torch.Tensor:
     """A (rows, width) view: rows along the first dimension (an output channel), all the other dimensions
     flattened into the row; a 1-D tensor is one row, a 0-d tensor a row of one entry."""
