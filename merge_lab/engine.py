@@ -138,7 +138,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.dtype.itemsize == 1:  # float8: no aminmax on the CPU
         return bool(torch.isfinite(t.float()).all())
     low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())  # two scalars: no tensor ops
 
 
 def _nonfinite_message(inp: Input, key: str) -> str:
@@ -286,7 +286,8 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
         if task.action == "copy":
             task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
-        raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
+        raw = (sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
+               + _partial_itemsize(plan))
         if not elementwise or plan.method.keeps_whole(task.shape):
             continue  # whole tensors: the method needs all of it at once
         needs_stats = plan.method.needs_statistics(plan.params, task.shape)
@@ -295,6 +296,13 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
             continue  # one unit, statistics gathered in memory before the slices are merged
         task.chunks = _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw)))
         task.needs_stats = len(task.chunks) > 1 and needs_stats
+
+
+def _partial_itemsize(plan: MergePlan) -> int:
+    """Bytes an element of a unit's kept partial result takes (methods with `merge_from_partial`), else 0."""
+    if plan.method.merge_from_partial is None:
+        return 0
+    return torch.finfo(plan.compute_dtype).bits // 8
 
 
 def _row_chunks(shape: tuple[int, ...], max_elements: int) -> list[tuple[int, int] | None]:
@@ -371,7 +379,7 @@ def _units(plan: MergePlan, first_task: int = 0):
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
-        out_item = ITEMSIZE[task.out_dtype]
+        out_item = ITEMSIZE[task.out_dtype] + (_partial_itemsize(plan) if task.action == "merge" else 0)
         for rows in task.chunks:
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
             factor = 1 + (stages if task.needs_stats else 0)
@@ -516,13 +524,14 @@ class Executor:
         return done
 
     # -- worker side ---------------------------------------------------------------------------------
-    def _read_raw(self, task: KeyTask, rows) -> RawInputs:
+    def _read_raw(self, task: KeyTask, rows, check: bool = True) -> RawInputs:
+        """The inputs of one unit, checked for NaN/inf once, on the raw data (every later pass over them can
+        skip the check); `check=False` leaves that to the caller and marks them finite until it has."""
         raws = RawInputs()
         for inp in self.plan.inputs:
             t = inp.reader.read(task.key, rows)
             raws.append(t.pin_memory() if self.pin else t)
-        # Checked once per read, on the raw data: every later pass over these inputs can skip the check.
-        raws.finite = all(_all_finite(t) for t in raws)
+        raws.finite = all(_all_finite(t) for t in raws) if check else True
         return raws
 
     def _slices(self, shape: tuple[int, ...], whole: bool = False):
@@ -553,10 +562,13 @@ class Executor:
         converted tensors without touching the raw buffers, which later slices and passes read again."""
         return self.plan.device.type != "cpu" or all(r.dtype != self.plan.compute_dtype for r in raws)
 
+    def _convert_one(self, raw: torch.Tensor, rows) -> torch.Tensor:
+        return (raw if rows is None else raw[rows[0]:rows[1]]).to(device=self.plan.device,
+                                                                 dtype=self.plan.compute_dtype, non_blocking=True)
+
     def _convert(self, task: KeyTask, raws: list[torch.Tensor], rows):
         plan = self.plan
-        tensors = [(r if rows is None else r[rows[0]:rows[1]]).to(device=plan.device, dtype=plan.compute_dtype,
-                                                                   non_blocking=True) for r in raws]
+        tensors = [self._convert_one(r, rows) for r in raws]
         if not getattr(raws, "finite", False):
             tensors = self._check_finite(task, tensors)
         models = tensors[: len(plan.models)]
@@ -610,27 +622,34 @@ class Executor:
                             weights=weights, stats=stats, inputs_writable=writable)
 
     def _stage_sums(self, task: KeyTask, raws: list[torch.Tensor], first_row: int, earlier: dict,
-                    stage: int) -> dict:
+                    stage: int, partials: list | None = None) -> dict:
         """One stage's statistics of `raws` (rows from first_row on) summed over slices; `earlier` holds
-        the sums of the earlier stages."""
+        the sums of the earlier stages. With `partials`, each slice's "partial" is kept there, in order."""
         plan = self.plan
         writable = self._owns_converted(raws)
         sums: dict = {}
         for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape)):
             models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
-            ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage)
-            add_statistics(sums, plan.method.statistics(models, base, ctx, **plan.params), owned=False)
+            ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage,
+                                      wants_partial=partials is not None)
+            part = plan.method.statistics(models, base, ctx, **plan.params)
+            if partials is not None:
+                partials.append(part.pop("partial", None))
+            add_statistics(sums, part, owned=False)
         return sums
 
     def _stages(self) -> int:
         return self.plan.method.stages(self.plan.params, self.plan.compute_dtype)
 
-    def _in_memory_statistics(self, task: KeyTask, raws: list[torch.Tensor], first_row: int) -> dict:
-        """Whole-tensor statistics of a key held in one unit."""
+    def _in_memory_statistics(self, task: KeyTask, raws: list[torch.Tensor], first_row: int,
+                              partials: list | None = None) -> dict:
+        """Whole-tensor statistics of a key held in one unit (and the last stage's partials, if asked)."""
         total: dict = {}
-        for stage in range(self._stages()):
-            total.update(self._stage_sums(task, raws, first_row, total, stage))
+        stages = self._stages()
+        for stage in range(stages):
+            keep = partials if stage == stages - 1 else None
+            total.update(self._stage_sums(task, raws, first_row, total, stage, keep))
         return total
 
     def _compute(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
@@ -650,27 +669,50 @@ class Executor:
         try:
             # before this unit reads its own inputs: a thread helping with the statistics holds one read
             stats = key_statistics.result() if key_statistics is not None else None
-            raws = self._read_raw(task, unit.rows)
+            elementwise = _is_elementwise(method, plan.params)
+            whole_slice = unit.rows is None and self._slice_count(task.shape, method.keeps_whole(task.shape)) == 1
+            in_memory_stats = (elementwise and stats is None and not whole_slice
+                               and method.needs_statistics(plan.params, task.shape))
+            # Statistics that turn NaN/inf whenever an input holds one check the inputs for free.
+            optimistic = in_memory_stats and method.statistics_reveal_nonfinite
+            raws = self._read_raw(task, unit.rows, check=not optimistic)
             first_row = unit.rows[0] if unit.rows else 0
             writable = self._owns_converted(raws)
-            if not _is_elementwise(method, plan.params):
+            if not elementwise:
                 models, base = self._convert(task, raws, None)
                 result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
                 self._check_shape(result, models[0], task)
                 return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
-            whole_slice = unit.rows is None and self._slice_count(tuple(raws[0].shape),
-                                                                  method.keeps_whole(task.shape)) == 1
-            if stats is None and not whole_slice and method.needs_statistics(plan.params, task.shape):
+            partials = None
+            if in_memory_stats:
                 # the method sees only slices: give it the whole tensor's statistics first. (A tensor
-                # merged in one slice needs none: the method sees all of it.)
-                stats = self._in_memory_statistics(task, raws, first_row)
+                # merged in one slice needs none: the method sees all of it.) Its partial results are
+                # kept when it can merge from them, unless a NaN/inf policy must rewrite the inputs.
+                partials = [] if method.merge_from_partial is not None and raws.finite else None
+                stats = self._in_memory_statistics(task, raws, first_row, partials)
+                if optimistic and not all(bool(torch.isfinite(v).all()) for v in stats.values()):
+                    # an input holds NaN/inf (or a statistic overflowed): check the inputs, then apply the
+                    # policy (or raise) slice by slice as for any other unit
+                    raws.finite = all(_all_finite(t) for t in raws)
+                    if not raws.finite:
+                        partials = None
+                        stats = self._in_memory_statistics(task, raws, first_row)
+            slices = list(self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)))
+            if partials is not None and (len(partials) != len(slices) or any(p is None for p in partials)):
+                partials = None  # the method did not give one for every slice: merge from the inputs
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
-            for rows in self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)):
-                models, base = self._convert(task, raws, rows)
+            for index, rows in enumerate(slices):
                 offset = first_row + (rows[0] if rows else 0)
                 ctx = self._context(task, offset, stats, writable)
-                result = method.fn(models, base, task.ratio, ctx, **plan.params)
-                self._check_shape(result, models[0], task)
+                if partials is not None:
+                    base = self._convert_one(raws[len(plan.models)], rows)
+                    result = method.merge_from_partial(partials[index], base, task.ratio, ctx, **plan.params)
+                    partials[index] = None  # its memory can go as soon as the slice is written
+                    self._check_shape(result, base, task)
+                else:
+                    models, base = self._convert(task, raws, rows)
+                    result = method.fn(models, base, task.ratio, ctx, **plan.params)
+                    self._check_shape(result, models[0], task)
                 target = out if rows is None else out[rows[0]:rows[1]]
                 target.copy_(result)
                 self._check_result(target, task)  # while the slice is still in the CPU cache

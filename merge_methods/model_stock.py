@@ -130,7 +130,23 @@ def _uses_tensor_statistics(params, shape) -> bool:
 
 
 def model_stock_statistics(models, base, ctx: KeyContext, granularity):
-    return {"gram": gram_for_cosines(task_vectors(models, base, ctx, weighted=False))}
+    taus = task_vectors(models, base, ctx, weighted=False)
+    stats = {"gram": gram_for_cosines(taus)}
+    if ctx.wants_partial:
+        stats["partial"] = sum_(taus)  # Σ τᵢ: with the base and t, all the merge needs
+    return stats
+
+
+def model_stock_from_partial(partial, base, ratio, ctx: KeyContext, granularity):
+    """`model_stock` of a slice whose Σ τᵢ (`partial`) the statistics pass kept: the same operations on the
+    same values, so the same bits, without converting the fine-tunes and subtracting the base again."""
+    if not ctx.stats or "gram" not in ctx.stats:
+        raise ValueError("a merge from Σ τᵢ needs the whole tensor's Gram matrix")
+    gram_matrix = ctx.stats["gram"]
+    t = whole_tensor_t(gram_matrix)
+    if ratio == 0 or t == 0:
+        return unchanged_base(base, ctx)
+    return apply_to_base(base, partial, t * (ratio / gram_matrix.shape[0]))
 
 
 @merge_method(
@@ -146,6 +162,8 @@ def model_stock_statistics(models, base, ctx: KeyContext, granularity):
     takes_weights=False,
     statistics=model_stock_statistics,
     statistics_needed=_uses_tensor_statistics,
+    statistics_reveal_nonfinite=True,  # Gᵢᵢ = Σ τᵢ²: NaN/inf in θᵢ or the base makes it NaN/inf
+    merge_from_partial=model_stock_from_partial,
     needs_block_statistics=lambda params: params["granularity"] == "block",
 )
 def model_stock(models, base, ratio, ctx: KeyContext, granularity):

@@ -95,6 +95,8 @@ class KeyContext:
     stats: Mapping[str, Any] | None = None  # whole-tensor (or whole-block) statistics for chunked runs
     inputs_writable: bool = False  # the method may overwrite `models` and `base` (the engine's fresh copies)
     stage: int = 0  # which stage of a staged statistics pass this call is (see MergeMethod.statistics_stages)
+    # The engine will keep this slice's statistics()["partial"] for `MergeMethod.merge_from_partial`.
+    wants_partial: bool = False
 
     @property
     def numel(self) -> int:
@@ -141,6 +143,15 @@ class MergeMethod:
     # Statistic computed over each whole block by the analysis pass ("block" granularity of Model Stock):
     # the engine then passes ctx.stats["block_gram"], the block's float64 Gram matrix of the task vectors.
     needs_block_statistics: Callable[[Mapping[str, Any]], bool] | None = None
+    # True when a statistic is NaN or inf whenever an input element is (Model Stock's τᵢ·τᵢ): the engine then
+    # skips its own finite check of the inputs of a key whose statistics it gathers in memory, and makes it
+    # only when a statistic is not finite (finite but huge inputs can overflow one: the check then decides).
+    statistics_reveal_nonfinite: bool = False
+    # Optional merge from a partial result of the statistics pass: asked with ctx.wants_partial, a method's
+    # statistics may return "partial", a tensor of the slice's shape (the method's own, not summed); the engine
+    # keeps it and later calls merge_from_partial(partial, base, ratio, ctx, **params) for that slice instead
+    # of fn, so the models are converted and turned into task vectors once instead of twice. Same bits as fn.
+    merge_from_partial: MethodFn | None = None
     # Checks that need both the params and the number of models: check(params, n_models), ValueError if bad.
     check: Callable[[Mapping[str, Any], int], None] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)

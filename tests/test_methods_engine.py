@@ -166,6 +166,36 @@ def test_model_stock_tensor_matches_a_float64_computation(sd1_fp32_family):
             torch.testing.assert_close(out[key].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd1_family", "sd1_fp32_family"])
+def test_model_stock_merges_from_the_kept_sum_with_the_same_bits(family, request, monkeypatch):
+    """Keys of several slices merge from the Σ τᵢ their statistics pass kept (the fine-tunes are converted
+    once); the result is the same bits as converting them again, fp16 (our copies) and fp32 inputs alike."""
+    import dataclasses
+
+    from merge_lab import engine
+
+    registry = M.registry
+    base, fts = request.getfixturevalue(family)
+    recipe = Recipe(models=[str(p) for p in fts], base=str(base), method="model_stock", alpha=0.8)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)  # every key of more than 300 elements: several slices
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    method = registry.REGISTRY["model_stock"]
+    calls = []
+
+    def counted(partial, *args, **kwargs):
+        calls.append(partial.numel())
+        return method.merge_from_partial(partial, *args, **kwargs)
+
+    monkeypatch.setitem(registry.REGISTRY, "model_stock", dataclasses.replace(method, merge_from_partial=counted))
+    kept = merge_to_state_dict(recipe).state_dict
+    assert len(calls) > 100  # one call per slice of the keys of several slices
+    monkeypatch.setitem(registry.REGISTRY, "model_stock", dataclasses.replace(method, merge_from_partial=None))
+    again = merge_to_state_dict(recipe).state_dict
+    assert set(kept) == set(again)
+    for key in kept:
+        assert torch.equal(kept[key], again[key]), key
+
+
 def test_clear_errors(sd1_family, tmp_path):
     base, fts = sd1_family
     with pytest.raises(RecipeError, match="model_stock needs at least 2 fine-tuned models besides the base"):

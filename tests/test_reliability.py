@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import pickle
 import signal
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_lab.cli import main
-from merge_lab.engine import merge_to_file
+from merge_lab.engine import merge_to_file, merge_to_state_dict
 from merge_lab.errors import CheckpointError, MergeLabError
 from merge_lab.recipe import Recipe
 from merge_lab.safetensors_io import PARTIAL_SUFFIX, SafetensorsWriter
@@ -305,6 +306,37 @@ def test_nonfinite_take_first_and_zero(with_nan, tmp_path, policy):
     others[positions] = False
     assert torch.equal(merged[others], ref[KEY].reshape(-1).float()[others])  # only the bad elements differ
     assert all(torch.equal(got[k], ref[k]) for k in ref if k != KEY)
+
+
+@pytest.mark.parametrize("policy", ["error", "take-first", "zero"])
+def test_nonfinite_in_model_stock_statistics(sd1_family, with_nan, tmp_path, monkeypatch, policy):
+    """Model Stock finds NaN/inf through its Gram matrix instead of checking the inputs first: the same
+    error, or the same merge as of the input with the policy applied, for a key of several slices."""
+    from merge_lab import engine
+
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 16)
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    base, (a, _, c) = sd1_family
+    _, _, bad, positions = with_nan
+    assert math.prod(load_file(bad)[KEY].shape) > 16
+
+    def stock(second):
+        return Recipe(models=[str(a), str(second), str(c)], base=str(base), method="model_stock", alpha=0.9,
+                      nonfinite=policy)
+
+    if policy == "error":
+        with pytest.raises(MergeLabError, match="NaN") as info:
+            merge_to_state_dict(stock(bad))
+        assert str(bad) in str(info.value) and KEY in str(info.value)
+        return
+    tensors = load_file(bad)
+    t = tensors[KEY].reshape(-1)
+    t[positions] = load_file(a)[KEY].reshape(-1)[positions] if policy == "take-first" else 0
+    fixed = tmp_path / "fixed.safetensors"
+    save_file(tensors, fixed)
+    got, expected = merge_to_state_dict(stock(bad)).state_dict, merge_to_state_dict(stock(fixed)).state_dict
+    assert torch.isfinite(got[KEY].float()).all()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_a_damaged_pickle_is_one_line(tmp_path, sd1_family):
