@@ -287,7 +287,7 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
             task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
         raw = (sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
-               + _partial_itemsize(plan))
+               + _partial_itemsize(plan, task))
         if not elementwise or plan.method.keeps_whole(task.shape):
             continue  # whole tensors: the method needs all of it at once
         needs_stats = plan.method.needs_statistics(plan.params, task.shape)
@@ -298,9 +298,12 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
         task.needs_stats = len(task.chunks) > 1 and needs_stats
 
 
-def _partial_itemsize(plan: MergePlan) -> int:
-    """Bytes an element of a unit's kept partial result takes (methods with `merge_from_partial`), else 0."""
-    if plan.method.merge_from_partial is None:
+def _partial_itemsize(plan: MergePlan, task: KeyTask) -> int:
+    """Bytes an element of a unit's kept partial result takes (a merged key whose method gathers statistics
+    and can merge from `merge_from_partial`), else 0."""
+    method = plan.method
+    if task.action != "merge" or method.merge_from_partial is None or not method.needs_statistics(plan.params,
+                                                                                                   task.shape):
         return 0
     return torch.finfo(plan.compute_dtype).bits // 8
 
@@ -379,7 +382,7 @@ def _units(plan: MergePlan, first_task: int = 0):
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
-        out_item = ITEMSIZE[task.out_dtype] + (_partial_itemsize(plan) if task.action == "merge" else 0)
+        out_item = ITEMSIZE[task.out_dtype] + _partial_itemsize(plan, task)
         for rows in task.chunks:
             count = task.numel if rows is None else (rows[1] - rows[0]) * row
             factor = 1 + (stages if task.needs_stats else 0)

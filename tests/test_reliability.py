@@ -314,11 +314,11 @@ def test_nonfinite_in_model_stock_statistics(sd1_family, with_nan, tmp_path, mon
     error, or the same merge as of the input with the policy applied, for a key of several slices."""
     from merge_lab import engine
 
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 16)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 32)  # KEY (8 rows of 8): 2 slices
     monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
     base, (a, _, c) = sd1_family
     _, _, bad, positions = with_nan
-    assert math.prod(load_file(bad)[KEY].shape) > 16
+    assert math.prod(load_file(bad)[KEY].shape) > 32
 
     def stock(second):
         return Recipe(models=[str(a), str(second), str(c)], base=str(base), method="model_stock", alpha=0.9,
