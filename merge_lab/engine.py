@@ -693,7 +693,7 @@ class Executor:
                 # kept when it can merge from them, unless a NaN/inf policy must rewrite the inputs.
                 partials = [] if method.merge_from_partial is not None and raws.finite else None
                 stats = self._in_memory_statistics(task, raws, first_row, partials)
-                if optimistic and not all(bool(torch.isfinite(v).all()) for v in stats.values()):
+                if optimistic and not all(_all_finite(v) for v in stats.values()):
                     # an input holds NaN/inf (or a statistic overflowed): check the inputs, then apply the
                     # policy (or raise) slice by slice as for any other unit
                     raws.finite = all(_all_finite(t) for t in raws)
