@@ -47,8 +47,12 @@ from .tensors import linear_combination, sum_
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
+# 0-d arrays, not numpy scalars: a ufunc call with a uint64 scalar costs twice the fixed overhead, which
+# dominates on the many small tensors of a checkpoint.
+SHIFT_27, SHIFT_30, SHIFT_31 = (np.array(s, dtype=np.uint64) for s in (27, 30, 31))
 # Elements drawn at a time: bounds the temporaries whatever the tensor size, and keeps them in the caches.
 DRAW_PIECE = 1 << 17
+MIN_PIECE = 1 << 12  # per model, when the masks of many models are drawn together
 
 
 def stream_seeds(seed: int, key: str, model_index: int) -> tuple[int, int]:
@@ -57,45 +61,51 @@ def stream_seeds(seed: int, key: str, model_index: int) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:16], "little")
 
 
-def _splitmix(stream: int, outputs: np.ndarray) -> np.ndarray:
-    """SplitMix64 outputs number `outputs` (uint64, overwritten) of the stream seeded with `stream`."""
-    z = outputs
-    scratch = np.empty_like(z)
-    np.add(z, np.uint64(1), out=z)  # output j comes from the state after j + 1 steps: seed + (j + 1)·γ
+def _splitmix(streams: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """SplitMix64 outputs number `outputs` (uint64, 1-D) of the streams seeded with `streams` (uint64, 0-d
+    or a column (n, 1): one row of outputs a stream)."""
+    z = np.add(outputs, np.uint64(1))  # output j comes from the state after j + 1 steps: seed + (j + 1)·γ
     np.multiply(z, GAMMA, out=z)
-    np.add(z, np.uint64(stream), out=z)
-    for shift, factor in ((30, MIX1), (27, MIX2)):
-        np.right_shift(z, np.uint64(shift), out=scratch)
+    z = np.add(z, streams)  # broadcast: every stream's row at once (one set of numpy calls for n models)
+    scratch = np.empty_like(z)
+    for shift, factor in ((SHIFT_30, MIX1), (SHIFT_27, MIX2)):
+        np.right_shift(z, shift, out=scratch)
         np.bitwise_xor(z, scratch, out=z)
         np.multiply(z, factor, out=z)
-    np.right_shift(z, np.uint64(31), out=scratch)
+    np.right_shift(z, SHIFT_31, out=scratch)
     np.bitwise_xor(z, scratch, out=z)
     return z
 
 
-def _parts(stream: int, first: int, count: int, per_output: int, dtype: str) -> np.ndarray:
+def _seeds(streams) -> np.ndarray:
+    """Stream seeds (ints) as a uint64 column, one row a stream."""
+    return np.array(streams, dtype=np.uint64).reshape(-1, 1)
+
+
+def _parts(seeds: np.ndarray, first: int, count: int, per_output: int, dtype: str) -> np.ndarray:
     """The `per_output`-way split parts (8 bytes or 4 words of 16 bits, least significant first) of
-    elements [first, first + count)."""
+    elements [first, first + count), one row a stream of `seeds` (a uint64 column)."""
     j0 = first // per_output
     j1 = (first + count + per_output - 1) // per_output
-    outputs = _splitmix(stream, np.arange(j0, j1, dtype=np.uint64)).astype("<u8", copy=False)
+    outputs = _splitmix(seeds, np.arange(j0, j1, dtype=np.uint64)).astype("<u8", copy=False)
     offset = first - j0 * per_output
-    return outputs.view(dtype)[offset:offset + count]
+    return outputs.view(dtype)[:, offset:offset + count]
 
 
-def _words_at(stream: int, positions: np.ndarray) -> np.ndarray:
-    """B's 16-bit words of the given element positions (int64), as uint32."""
-    outputs = _splitmix(stream, (positions // 4).astype(np.uint64))
+def _words_at(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """B's 16-bit words of the given element positions (int64), each of the stream of the same index in
+    `seeds` (uint64, 1-D), as uint32."""
+    outputs = _splitmix(seeds, (positions // 4).astype(np.uint64))
     shifts = ((positions % 4) * 16).astype(np.uint64)
     return (np.right_shift(outputs, shifts) & np.uint64(0xFFFF)).astype(np.uint32)
 
 
-def _pieces(ctx: KeyContext, count: int):
-    """[start, stop) ranges, relative to ctx.offset, of at most DRAW_PIECE elements covering `count`."""
+def _pieces(ctx: KeyContext, count: int, piece: int = DRAW_PIECE):
+    """[start, stop) ranges, relative to ctx.offset, of at most `piece` elements covering `count`."""
     if ctx.offset + count > ctx.numel:
         raise ValueError(f"chunk [{ctx.offset}, {ctx.offset + count}) lies outside the tensor of {ctx.numel} elements")
-    for start in range(0, count, DRAW_PIECE):
-        yield start, min(start + DRAW_PIECE, count)
+    for start in range(0, count, piece):
+        yield start, min(start + piece, count)
 
 
 def keep_threshold(p: float) -> int:
@@ -104,30 +114,32 @@ def keep_threshold(p: float) -> int:
     return math.ceil(float(np.float32(p)) * 2**24)
 
 
-def _keep(streams: tuple[int, int], first: int, count: int, threshold: int, out: np.ndarray) -> None:
-    """Keep flags (bool) of elements [first, first + count) into `out`: a > M_hi decides alone, and where
-    a = M_hi, B's word does (b ≥ M_lo)."""
+def _keep(streams: list[tuple[int, int]], first: int, count: int, threshold: int, out: np.ndarray) -> None:
+    """Keep flags (bool, one row a model of `streams`) of elements [first, first + count) into `out`
+    (n × count): a > M_hi decides alone, and where a = M_hi, B's word does (b ≥ M_lo)."""
     if threshold >= 2**24:
         out[:] = False
         return
     high, low = threshold >> 16, threshold & 0xFFFF
-    a = _parts(streams[0], first, count, 8, "<u1")
+    a = _parts(_seeds([s[0] for s in streams]), first, count, 8, "<u1")
     np.greater(a, np.uint8(high), out=out)
-    undecided = np.flatnonzero(a == np.uint8(high))
+    undecided = np.flatnonzero(a == np.uint8(high))  # 10x faster than a 2-D nonzero
     if undecided.size:
-        out[undecided] = _words_at(streams[1], undecided + first) >= low
+        rows, columns = np.divmod(undecided, count)
+        seeds_b = np.array([s[1] for s in streams], dtype=np.uint64)[rows]
+        out[rows, columns] = _words_at(seeds_b, columns + first) >= low
 
 
 def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor:
     """The uniform draws u (float32, CPU, flat) of `count` elements starting at flat index ctx.offset of the
     whole tensor: the keep mask of DARE with probability p is exactly ``draws >= p``, and methods with a drop
     probability per element (DELLA) compare the same draws with their own thresholds."""
-    streams = stream_seeds(ctx.seed, ctx.key, model_index)
+    seed_a, seed_b = (_seeds([s]) for s in stream_seeds(ctx.seed, ctx.key, model_index))
     out = np.empty(count, dtype=np.float32)
     for start, stop in _pieces(ctx, count):
         first, n = ctx.offset + start, stop - start
-        x = _parts(streams[0], first, n, 8, "<u1").astype(np.uint32) << np.uint32(16)
-        x |= _parts(streams[1], first, n, 4, "<u2")
+        x = _parts(seed_a, first, n, 8, "<u1")[0].astype(np.uint32) << np.uint32(16)
+        x |= _parts(seed_b, first, n, 4, "<u2")[0]
         np.multiply(x.astype(np.float32), np.float32(2.0**-24), out=out[start:stop])
     return torch.from_numpy(out)
 
@@ -135,35 +147,42 @@ def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor
 def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
     """The keep mask (bool, CPU, flat) of `count` elements starting at flat index ctx.offset of the whole
     tensor ctx.shape: the same bits for a chunk as for those elements of the whole tensor."""
-    streams, threshold = stream_seeds(ctx.seed, ctx.key, model_index), keep_threshold(p)
-    out = np.empty(count, dtype=np.bool_)
+    streams, threshold = [stream_seeds(ctx.seed, ctx.key, model_index)], keep_threshold(p)
+    out = np.empty((1, count), dtype=np.bool_)
     for start, stop in _pieces(ctx, count):
-        _keep(streams, ctx.offset + start, stop - start, threshold, out[start:stop])
-    return torch.from_numpy(out)
+        _keep(streams, ctx.offset + start, stop - start, threshold, out[:, start:stop])
+    return torch.from_numpy(out[0])
 
 
 def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) -> list[torch.Tensor]:
-    """mᵢ ⊙ τᵢ (÷ (1 − p) when rescaling), in place, a piece of the mask at a time (no whole-tensor mask).
-    p = 0 keeps everything, p = 1 drops everything (no rescale then: there is nothing left)."""
-    if p <= 0:
+    """mᵢ ⊙ τᵢ (÷ (1 − p) when rescaling), in place, a piece of the masks at a time (no whole-tensor mask).
+    p = 0 keeps everything, p = 1 drops everything (no rescale then: there is nothing left). The masks of
+    all models are drawn together, a piece of each per set of numpy calls: a checkpoint has thousands of
+    small tensors, on which the calls' fixed cost, not the elements, is the time."""
+    if p <= 0 or not taus:
         return taus
     threshold = keep_threshold(p)
-    keep = np.empty(min(DRAW_PIECE, taus[0].numel()) if taus else 0, dtype=np.bool_)
-    for index, tau in enumerate(taus):
-        if threshold >= 2**24:
+    if threshold >= 2**24:
+        for tau in taus:
             tau.zero_()
-            continue
-        flat = tau.view(-1)
-        streams = stream_seeds(ctx.seed, ctx.key, index)
-        for start, stop in _pieces(ctx, flat.numel()):
-            piece = keep[:stop - start]
-            _keep(streams, ctx.offset + start, stop - start, threshold, piece)
-            if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-                values = flat[start:stop].numpy()
-                np.multiply(values, piece, out=values)  # 3x faster than torch's float-by-bool product
+        return taus
+    streams = [stream_seeds(ctx.seed, ctx.key, index) for index in range(len(taus))]
+    numel = taus[0].numel()
+    piece = max(MIN_PIECE, DRAW_PIECE // len(taus))  # the masks of a piece stay one DRAW_PIECE in all
+    keep = np.empty((len(taus), min(piece, numel)), dtype=np.bool_)
+    # numpy views of CPU float tensors: numpy's float-by-bool product is 3x faster than torch's
+    arrays = [tau.view(-1).numpy() if tau.device.type == "cpu" and tau.dtype in (torch.float32, torch.float64)
+              else tau.view(-1) for tau in taus]
+    for start, stop in _pieces(ctx, numel, piece):
+        masks = keep[:, :stop - start]
+        _keep(streams, ctx.offset + start, stop - start, threshold, masks)
+        for values, mask in zip(arrays, masks):
+            if isinstance(values, np.ndarray):
+                np.multiply(values[start:stop], mask, out=values[start:stop])
             else:
-                flat[start:stop].mul_(torch.from_numpy(piece).to(device=flat.device, dtype=flat.dtype))
-        if rescale:
+                values[start:stop].mul_(torch.from_numpy(mask).to(device=values.device, dtype=values.dtype))
+    if rescale:
+        for tau in taus:
             tau.div_(1.0 - p)
     return taus
 

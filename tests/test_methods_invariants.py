@@ -156,3 +156,17 @@ def test_gram_matches_float64(ts):
     torch.testing.assert_close(gram, flat @ flat.T, rtol=1e-6, atol=1e-9)
     cos = M.model_stock.pairwise_cosines(gram)
     assert all(-1.0 <= c <= 1.0 or math.isnan(c) for c in cos.tolist())
+
+
+@SETTINGS
+@given(st.integers(1, 2 * 2**14 + 9), st.integers(1, 40), st.data(), st.floats(0, 1))
+def test_drop_of_many_models_at_once_is_each_models_own_mask(numel, n_models, data, p):
+    # drop_ draws the masks of all models together, in pieces that shrink with the model count: each model
+    # must still get exactly its own keep mask, for a chunk anywhere in the tensor
+    offset = data.draw(st.integers(0, 2**20))
+    ctx = M.KeyContext(key="model.k", seed=3, shape=(offset + numel,), offset=offset)
+    g = torch.Generator().manual_seed(numel)
+    taus = [torch.randn(numel, generator=g) for _ in range(n_models)]
+    expected = [tau * M.drop.keep_mask(ctx, i, numel, p) for i, tau in enumerate(taus)]
+    dropped = M.drop.drop_([tau.clone() for tau in taus], ctx, p, rescale=False)
+    assert all(torch.equal(d, e) for d, e in zip(dropped, expected))
