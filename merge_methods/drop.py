@@ -8,10 +8,12 @@ i mod 4 of B's output ⌊i/4⌋ (least significant first). The draw is u = (a·2
 [0, 1) with 24 random bits, and an element is kept where u ≥ p (p as a float32; probability 1 − p).
 
 Why this shape: the keep mask needs B only where a alone cannot decide (a equal to the top 8 bits of the
-threshold: 1 element in 256), so a mask costs one SplitMix64 output per 8 elements (~0.5 ns an element
-with numpy) instead of a 32-bit draw each; SplitMix64 is a few vectorized integer operations over the
-indices, needs no state, and is the well-tested generator that seeds the xoshiro family. (It replaced one
-seeded ``torch.Generator``, a Mersenne Twister at ~5.5 ns a draw, per block of 2**16 elements.)
+threshold: 1 element in 256), so a mask costs one SplitMix64 output per 8 elements (~1–2 ns an element
+with numpy on a 2-core test machine) instead of a 32-bit draw each; SplitMix64 is a few vectorized integer
+operations over the indices, needs no state, and is the well-tested generator that seeds the xoshiro family.
+(It replaced one seeded ``torch.Generator``, a Mersenne Twister at ~5.5 ns a draw, per block of 2**16
+elements.) `drop_` draws the masks of all models of a key in the same numpy calls, one row a model: on
+the thousands of small tensors of a checkpoint the calls' fixed cost, not the elements, is the time.
 """
 
 from __future__ import annotations
