@@ -64,8 +64,8 @@ def stream_seeds(seed: int, key: str, model_index: int) -> tuple[int, int]:
 
 
 def _splitmix(streams: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    """SplitMix64 outputs number `outputs` (uint64, 1-D) of the streams seeded with `streams` (uint64, 0-d
-    or a column (n, 1): one row of outputs a stream)."""
+    """SplitMix64 outputs number `outputs` (uint64, 1-D) of the streams seeded with `streams` (uint64: a
+    column (n, 1), one row of outputs a stream; or 1-D like `outputs`, a stream per output)."""
     z = np.add(outputs, np.uint64(1))  # output j comes from the state after j + 1 steps: seed + (j + 1)·γ
     np.multiply(z, GAMMA, out=z)
     z = np.add(z, streams)  # broadcast: every stream's row at once (one set of numpy calls for n models)
@@ -79,9 +79,10 @@ def _splitmix(streams: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     return z
 
 
-def _seeds(streams) -> np.ndarray:
-    """Stream seeds (ints) as a uint64 column, one row a stream."""
-    return np.array(streams, dtype=np.uint64).reshape(-1, 1)
+def _seeds(streams: list[tuple[int, int]]) -> np.ndarray:
+    """The (A, B) stream seeds of some models as uint64, one row a model (n × 2): made once per call, then
+    sliced per piece ([:, :1] is the column of A seeds that `_parts` takes)."""
+    return np.array(streams, dtype=np.uint64).reshape(len(streams), 2)
 
 
 def _parts(seeds: np.ndarray, first: int, count: int, per_output: int, dtype: str) -> np.ndarray:
@@ -116,32 +117,31 @@ def keep_threshold(p: float) -> int:
     return math.ceil(float(np.float32(p)) * 2**24)
 
 
-def _keep(streams: list[tuple[int, int]], first: int, count: int, threshold: int, out: np.ndarray) -> None:
-    """Keep flags (bool, one row a model of `streams`) of elements [first, first + count) into `out`
-    (n × count): a > M_hi decides alone, and where a = M_hi, B's word does (b ≥ M_lo)."""
+def _keep(seeds: np.ndarray, first: int, count: int, threshold: int, out: np.ndarray) -> None:
+    """Keep flags (bool, one row a model of `seeds`, from `_seeds`) of elements [first, first + count) into
+    `out` (n × count): a > M_hi decides alone, and where a = M_hi, B's word does (b ≥ M_lo)."""
     if threshold >= 2**24:
         out[:] = False
         return
     high, low = threshold >> 16, threshold & 0xFFFF
-    a = _parts(_seeds([s[0] for s in streams]), first, count, 8, "<u1")
+    a = _parts(seeds[:, :1], first, count, 8, "<u1")
     np.greater(a, np.uint8(high), out=out)
     undecided = np.flatnonzero(a == np.uint8(high))  # 10x faster than a 2-D nonzero
     if undecided.size:
         rows, columns = np.divmod(undecided, count)
-        seeds_b = np.array([s[1] for s in streams], dtype=np.uint64)[rows]
-        out[rows, columns] = _words_at(seeds_b, columns + first) >= low
+        out[rows, columns] = _words_at(seeds[rows, 1], columns + first) >= low
 
 
 def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor:
     """The uniform draws u (float32, CPU, flat) of `count` elements starting at flat index ctx.offset of the
     whole tensor: the keep mask of DARE with probability p is exactly ``draws >= p``, and methods with a drop
     probability per element (DELLA) compare the same draws with their own thresholds."""
-    seed_a, seed_b = (_seeds([s]) for s in stream_seeds(ctx.seed, ctx.key, model_index))
+    seeds = _seeds([stream_seeds(ctx.seed, ctx.key, model_index)])
     out = np.empty(count, dtype=np.float32)
     for start, stop in _pieces(ctx, count):
         first, n = ctx.offset + start, stop - start
-        x = _parts(seed_a, first, n, 8, "<u1")[0].astype(np.uint32) << np.uint32(16)
-        x |= _parts(seed_b, first, n, 4, "<u2")[0]
+        x = _parts(seeds[:, :1], first, n, 8, "<u1")[0].astype(np.uint32) << np.uint32(16)
+        x |= _parts(seeds[:, 1:], first, n, 4, "<u2")[0]
         np.multiply(x.astype(np.float32), np.float32(2.0**-24), out=out[start:stop])
     return torch.from_numpy(out)
 
@@ -149,10 +149,10 @@ def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor
 def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
     """The keep mask (bool, CPU, flat) of `count` elements starting at flat index ctx.offset of the whole
     tensor ctx.shape: the same bits for a chunk as for those elements of the whole tensor."""
-    streams, threshold = [stream_seeds(ctx.seed, ctx.key, model_index)], keep_threshold(p)
+    seeds, threshold = _seeds([stream_seeds(ctx.seed, ctx.key, model_index)]), keep_threshold(p)
     out = np.empty((1, count), dtype=np.bool_)
     for start, stop in _pieces(ctx, count):
-        _keep(streams, ctx.offset + start, stop - start, threshold, out[:, start:stop])
+        _keep(seeds, ctx.offset + start, stop - start, threshold, out[:, start:stop])
     return torch.from_numpy(out[0])
 
 
@@ -168,7 +168,7 @@ def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) ->
         for tau in taus:
             tau.zero_()
         return taus
-    streams = [stream_seeds(ctx.seed, ctx.key, index) for index in range(len(taus))]
+    seeds = _seeds([stream_seeds(ctx.seed, ctx.key, index) for index in range(len(taus))])
     numel = taus[0].numel()
     piece = max(MIN_PIECE, DRAW_PIECE // len(taus))  # the masks of a piece stay one DRAW_PIECE in all
     keep = np.empty((len(taus), min(piece, numel)), dtype=np.bool_)
@@ -177,7 +177,7 @@ def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) ->
               else tau.view(-1) for tau in taus]
     for start, stop in _pieces(ctx, numel, piece):
         masks = keep[:, :stop - start]
-        _keep(streams, ctx.offset + start, stop - start, threshold, masks)
+        _keep(seeds, ctx.offset + start, stop - start, threshold, masks)
         for values, mask in zip(arrays, masks):
             if isinstance(values, np.ndarray):
                 np.multiply(values[start:stop], mask, out=values[start:stop])
