@@ -365,6 +365,12 @@ class RawInputs(list):
 
     finite = False
 
+    def check_finite(self) -> bool:
+        """Look at every tensor (once per read: later passes over them can skip it) and remember the answer."""
+        self.finite = all(_all_finite(t) for t in self)
+        return self.finite
+
+
 ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, key)
 
 
@@ -534,7 +540,10 @@ class Executor:
         for inp in self.plan.inputs:
             t = inp.reader.read(task.key, rows)
             raws.append(t.pin_memory() if self.pin else t)
-        raws.finite = all(_all_finite(t) for t in raws) if check else True
+        if check:
+            raws.check_finite()
+        else:
+            raws.finite = True
         return raws
 
     def _slices(self, shape: tuple[int, ...], whole: bool = False):
@@ -693,13 +702,12 @@ class Executor:
                 # kept when it can merge from them, unless a NaN/inf policy must rewrite the inputs.
                 partials = [] if method.merge_from_partial is not None and raws.finite else None
                 stats = self._in_memory_statistics(task, raws, first_row, partials)
-                if optimistic and not all(_all_finite(v) for v in stats.values()):
-                    # an input holds NaN/inf (or a statistic overflowed): check the inputs, then apply the
-                    # policy (or raise) slice by slice as for any other unit
-                    raws.finite = all(_all_finite(t) for t in raws)
-                    if not raws.finite:
-                        partials = None
-                        stats = self._in_memory_statistics(task, raws, first_row)
+                # A statistic that is not finite means an input holds NaN/inf, or the statistic overflowed:
+                # check the inputs, and if they hold any, apply the policy (or raise) slice by slice as for
+                # any other unit
+                if optimistic and not all(_all_finite(v) for v in stats.values()) and not raws.check_finite():
+                    partials = None
+                    stats = self._in_memory_statistics(task, raws, first_row)
             slices = list(self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)))
             if partials is not None and (len(partials) != len(slices) or any(p is None for p in partials)):
                 partials = None  # the method did not give one for every slice: merge from the inputs
