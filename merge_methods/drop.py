@@ -79,9 +79,10 @@ def _splitmix(streams: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     return z
 
 
-def _seeds(streams: list[tuple[int, int]]) -> np.ndarray:
-    """The (A, B) stream seeds of some models as uint64, one row a model (n × 2): made once per call, then
-    sliced per piece ([:, :1] is the column of A seeds that `_parts` takes)."""
+def _seeds(ctx: KeyContext, model_indices) -> np.ndarray:
+    """The (A, B) stream seeds of these models for ctx's key as uint64, one row a model (n × 2): made once
+    per call, then sliced per piece ([:, :1] is the column of A seeds that `_parts` takes)."""
+    streams = [stream_seeds(ctx.seed, ctx.key, index) for index in model_indices]
     return np.array(streams, dtype=np.uint64).reshape(len(streams), 2)
 
 
@@ -136,7 +137,7 @@ def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor
     """The uniform draws u (float32, CPU, flat) of `count` elements starting at flat index ctx.offset of the
     whole tensor: the keep mask of DARE with probability p is exactly ``draws >= p``, and methods with a drop
     probability per element (DELLA) compare the same draws with their own thresholds."""
-    seeds = _seeds([stream_seeds(ctx.seed, ctx.key, model_index)])
+    seeds = _seeds(ctx, [model_index])
     out = np.empty(count, dtype=np.float32)
     for start, stop in _pieces(ctx, count):
         first, n = ctx.offset + start, stop - start
@@ -149,7 +150,7 @@ def uniform_draws(ctx: KeyContext, model_index: int, count: int) -> torch.Tensor
 def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.Tensor:
     """The keep mask (bool, CPU, flat) of `count` elements starting at flat index ctx.offset of the whole
     tensor ctx.shape: the same bits for a chunk as for those elements of the whole tensor."""
-    seeds, threshold = _seeds([stream_seeds(ctx.seed, ctx.key, model_index)]), keep_threshold(p)
+    seeds, threshold = _seeds(ctx, [model_index]), keep_threshold(p)
     out = np.empty((1, count), dtype=np.bool_)
     for start, stop in _pieces(ctx, count):
         _keep(seeds, ctx.offset + start, stop - start, threshold, out[:, start:stop])
@@ -168,7 +169,7 @@ def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) ->
         for tau in taus:
             tau.zero_()
         return taus
-    seeds = _seeds([stream_seeds(ctx.seed, ctx.key, index) for index in range(len(taus))])
+    seeds = _seeds(ctx, range(len(taus)))
     numel = taus[0].numel()
     piece = max(MIN_PIECE, DRAW_PIECE // len(taus))  # the masks of a piece stay one DRAW_PIECE in all
     keep = np.empty((len(taus), min(piece, numel)), dtype=np.bool_)
