@@ -160,6 +160,50 @@ def test_disk_full_leaves_no_output_and_inputs_unchanged(sd1_family, tmp_path, m
     assert_nothing_left(out, (a, b), before)
 
 
+def test_output_is_synced_while_merging_and_a_failed_sync_stops_the_merge(sd1_family, tmp_path, monkeypatch,
+                                                                           capsys):
+    """The output goes to disk during the merge (the final fsync used to wait seconds with the CPU idle);
+    a sync that fails (EIO) is the merge's one-line error, with no output left."""
+    import merge_lab.safetensors_io as sio
+
+    _, (a, b, _) = sd1_family
+    monkeypatch.setattr(sio, "SYNC_BYTES", 64 << 10)  # the test models are ~1.9 MB: many syncs
+    synced = []
+    real_sync = getattr(os, "fdatasync", os.fsync)
+
+    def counting_sync(fd):
+        synced.append(os.fstat(fd).st_size)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_sync, raising=False)
+    monkeypatch.setattr(os, "fsync", counting_sync)
+    out = tmp_path / "synced.safetensors"
+    merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))
+    size = os.path.getsize(out)
+    during = [n for n in synced if n < size]  # syncs before the file was complete: the background ones
+    assert len(during) >= 3, synced
+    A, O = load_file(a), load_file(out)  # the synced file is whole: every key, every shape
+    assert set(O) == set(A) and all(O[k].shape == A[k].shape for k in O)
+
+    before = {str(p): sha256(p) for p in (a, b)}
+
+    failed_at = []
+
+    def failing_sync(fd):
+        failed_at.append(os.fstat(fd).st_size)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync, raising=False)
+    monkeypatch.setattr(os, "fsync", failing_sync)
+    out = tmp_path / "failed.safetensors"
+    code = main(["merge", "--models", str(a), str(b), "--out", str(out)])
+    err = error_line(capsys.readouterr().err)
+    assert code == 2
+    assert str(out) in err and "Input/output error" in err, err
+    assert failed_at and failed_at[0] < size  # the background sync failed, not the last fsync
+    assert_nothing_left(out, (a, b), before)
+
+
 class LosesBytes(FullDisk):
     """A file that silently drops the bytes past `room` (a faulty network file system): no error raised."""
 
