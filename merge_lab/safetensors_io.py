@@ -407,6 +407,11 @@ class BackgroundSync:
                 self.error = e
                 return
 
+    def check(self) -> None:
+        """Raise the error of a sync that failed, if one did."""
+        if self.error is not None:
+            raise self.error
+
     def close(self) -> None:
         """Stop (after a sync under way: the fd must outlive it)."""
         with self.condition:
@@ -594,8 +599,7 @@ class SafetensorsWriter:
 
     def _write_raw(self, data, owner=None) -> None:
         try:
-            if self._sync.error is not None:
-                raise self._sync.error
+            self._sync.check()
             self._file.write(data)
             self._sync.wrote(len(data))
         except OSError as e:
@@ -633,8 +637,7 @@ class SafetensorsWriter:
             try:
                 self._file.flush()
                 self._sync.close()
-                if self._sync.error is not None:
-                    raise self._sync.error
+                self._sync.check()
                 os.fsync(self._file.fileno())  # the data is on disk before the name points at it
                 self._file.close()
                 self._stop_hasher()
