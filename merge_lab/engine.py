@@ -574,6 +574,17 @@ class Executor:
         converted tensors without touching the raw buffers, which later slices and passes read again."""
         return self.plan.device.type != "cpu" or all(r.dtype != self.plan.compute_dtype for r in raws)
 
+    def _raw_slice(self, kernel, raws: RawInputs, rows):
+        """(models, base) of one slice as the files hold them, for a method's compiled form `kernel`; None
+        when it has none or cannot take them: not on the CPU, not in float32, or inputs that a NaN/inf
+        policy must first rewrite (those take the torch form, which applies it)."""
+        plan = self.plan
+        if (kernel is None or plan.device.type != "cpu" or plan.compute_dtype != torch.float32
+                or not plan.base or not getattr(raws, "finite", False)):
+            return None
+        parts = [r if rows is None else r[rows[0]:rows[1]] for r in raws]
+        return parts[: len(plan.models)], parts[len(plan.models)]
+
     def _convert_one(self, raw: torch.Tensor, rows) -> torch.Tensor:
         return (raw if rows is None else raw[rows[0]:rows[1]]).to(device=self.plan.device,
                                                                  dtype=self.plan.compute_dtype, non_blocking=True)
@@ -641,11 +652,14 @@ class Executor:
         writable = self._owns_converted(raws)
         sums: dict = {}
         for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape)):
-            models, base = self._convert(task, raws, rows)
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage,
                                       wants_partial=partials is not None)
-            part = plan.method.statistics(models, base, ctx, **plan.params)
+            raw = self._raw_slice(plan.method.raw_statistics, raws, rows)
+            part = None if raw is None else plan.method.raw_statistics(*raw, ctx, **plan.params)
+            if part is None:
+                models, base = self._convert(task, raws, rows)
+                part = plan.method.statistics(models, base, ctx, **plan.params)
             if partials is not None:
                 partials.append(part.pop("partial", None))
             add_statistics(sums, part, owned=False)
@@ -715,6 +729,13 @@ class Executor:
             for index, rows in enumerate(slices):
                 offset = first_row + (rows[0] if rows else 0)
                 ctx = self._context(task, offset, stats, writable)
+                target = out if rows is None else out[rows[0]:rows[1]]
+                raw = None if partials is not None else self._raw_slice(method.raw_merge, raws, rows)
+                finite = None if raw is None else method.raw_merge(*raw, target, task.ratio, ctx, **plan.params)
+                if finite is not None:  # the compiled form wrote the slice
+                    if not finite:
+                        self._check_result(target, task)
+                    continue
                 if partials is not None:
                     base = self._convert_one(raws[len(plan.models)], rows)
                     result = method.merge_from_partial(partials[index], base, task.ratio, ctx, **plan.params)
@@ -724,7 +745,6 @@ class Executor:
                     models, base = self._convert(task, raws, rows)
                     result = method.fn(models, base, task.ratio, ctx, **plan.params)
                     self._check_shape(result, models[0], task)
-                target = out if rows is None else out[rows[0]:rows[1]]
                 target.copy_(result)
                 self._check_result(target, task)  # while the slice is still in the CPU cache
             return out

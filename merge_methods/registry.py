@@ -152,6 +152,14 @@ class MergeMethod:
     # keeps it and later calls merge_from_partial(partial, base, ratio, ctx, **params) for that slice instead
     # of fn, so the models are converted and turned into task vectors once instead of twice. Same bits as fn.
     merge_from_partial: MethodFn | None = None
+    # Optional compiled forms over one slice's raw inputs (the files' dtypes, CPU, finite), which the engine
+    # tries before converting anything: raw_statistics(models, base, ctx, **params) -> the slice's statistics
+    # as `statistics` gives them, and raw_merge(models, base, out, ratio, ctx, **params) -> whether the merged
+    # slice it wrote into `out` (the output dtype) is all finite. Either returns None to decline (no compiled
+    # kernels here, a dtype or case they do not cover): the engine then runs the torch form. raw_merge gives
+    # the same bits as fn for the same statistics (see merge_methods/kernels.py).
+    raw_statistics: Callable[..., dict[str, torch.Tensor] | None] | None = None
+    raw_merge: Callable[..., bool | None] | None = None
     # Checks that need both the params and the number of models: check(params, n_models), ValueError if bad.
     check: Callable[[Mapping[str, Any], int], None] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,212 @@
+"""The numba side of `kernels`: imported only through `kernels.compiled()` (ImportError without numba).
+
+Every kernel runs with the GIL released (the engine's worker threads merge slices side by side) and is
+cached on disk after its first compilation. Element-wise results use the torch form's operations in its
+order, in float32, with no fused multiply-add (numba's default: LLVM does not contract without fastmath),
+so they are the same bits; only the Gram matrix's dot products use reassociation (vectorized sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+JIT = {"nogil": True, "cache": True}
+# Sums may be reordered (vectorized), nothing else: NaN and inf must still come out NaN and inf.
+SUMS = {"reassoc", "contract"}
+# Task vectors are built this many elements at a time into a scratch that stays in the L1/L2 cache.
+BLOCK = 2048
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_to_half(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _float_to_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+def load(array, i):
+    """array[i] as float32 (the array's dtype names its format: see kernels.bits_view)."""
+
+
+@overload(load, inline="always")
+def _load(array, i):
+    if array.dtype == types.uint16:
+        return lambda array, i: _half_to_float(array[i])
+    if array.dtype == types.int16:
+        return lambda array, i: _bits_to_float(types.uint32(types.uint16(array[i])) << types.uint32(16))
+    if array.dtype == types.float32:
+        return lambda array, i: array[i]
+    return None
+
+
+def store(array, i, value):
+    """array[i] = value (float32) rounded to the array's format; returns whether the stored value is
+    NaN or inf (an fp16 overflow shows here, after the rounding)."""
+
+
+@overload(store, inline="always")
+def _store(array, i, value):
+    if array.dtype == types.uint16:
+        def fp16(array, i, value):
+            bits = _float_to_half(value)
+            array[i] = bits
+            return (bits & 0x7C00) == 0x7C00
+        return fp16
+    if array.dtype == types.int16:
+        def bf16(array, i, value):
+            # torch's round-to-nearest-even, NaN as 0x7FC0
+            word = _float_to_bits(value)
+            if value != value:
+                bits = types.uint16(0x7FC0)
+            else:
+                bits = types.uint16((word + ((word >> types.uint32(16)) & types.uint32(1))
+                                     + types.uint32(0x7FFF)) >> types.uint32(16))
+            array[i] = types.int16(bits)
+            return (bits & 0x7F80) == 0x7F80
+        return bf16
+    if array.dtype == types.float32:
+        def fp32(array, i, value):
+            array[i] = value
+            return (_float_to_bits(value) & types.uint32(0x7F800000)) == types.uint32(0x7F800000)
+        return fp32
+    return None
+
+
+@njit(**JIT)
+def to_float32(src, dst):
+    for i in range(src.size):
+        dst[i] = load(src, i)
+
+
+@njit(**JIT)
+def from_float32(src, dst):
+    for i in range(src.size):
+        store(dst, i, src[i])
+
+
+@njit(fastmath=SUMS, **JIT)
+def _dot(a, b, size):
+    total = np.float32(0.0)
+    for i in range(size):
+        total += a[i] * b[i]
+    return total
+
+
+@njit(**JIT)
+def gram(models, base, out):
+    """out[i, j] += Σ τᵢ·τⱼ over the slice (τᵢ = models[i] − base in float32; float32 dot products over
+    blocks of BLOCK elements, summed in float64, as the torch form's `gram_for_cosines` but on shorter
+    blocks). `models`: a tuple of flat arrays of one format, `base` the same format."""
+    n = len(models)
+    size = base.size
+    scratch = np.empty((n, BLOCK), np.float32)
+    for start in range(0, size, BLOCK):
+        stop = min(start + BLOCK, size)
+        # the task vectors of this block (written here, not in a helper: a call per block that takes the
+        # 2-D scratch ran at half the speed)
+        for m in range(n):
+            x = models[m]
+            row = scratch[m]
+            for i in range(start, stop):
+                row[i - start] = load(x, i) - load(base, i)
+        for i in range(n):
+            for j in range(i, n):
+                out[i, j] += _dot(scratch[i], scratch[j], stop - start)
+    for i in range(n):
+        for j in range(i):
+            out[i, j] = out[j, i]
+
+
+@njit(**JIT)
+def base_plus_scaled_sum(models, base, coefficient, out):
+    """out = round((Σ (models[m] − base)) · coefficient + base), the sum taken in model order, each
+    operation rounded to float32 as the torch form's sum_ and apply_to_base do. Returns False when an
+    output value is NaN or inf (after rounding to out's format)."""
+    n = len(models)
+    bad = False
+    c = np.float32(coefficient)
+    for i in range(base.size):
+        b = load(base, i)
+        total = load(models[0], i) - b
+        for m in range(1, n):
+            total += load(models[m], i) - b
+        bad |= store(out, i, total * c + b)
+    return not bad
+
+
+@njit(inline="always")
+def _sign(value):
+    return np.float32(value > 0) - np.float32(value < 0)
+
+
+@njit(**JIT)
+def ties_disjoint_mean(models, base, weights, masks, use_masks, mass, coefficient, out, lo, hi):
+    """TIES without trimming over elements [lo, hi), the torch form's operations in its order (see
+    task_vectors.ties_merge): τᵢ = (θᵢ − θ_base)·wᵢ (·maskᵢ, masks[:, i − lo], when use_masks: a drop),
+    the elected sign sgn Σ τᵢ (mass) or sgn Σ sgn τᵢ (count), the mean of the τᵢ whose sign equals it,
+    out = round(mean · coefficient + θ_base). Returns False when an output value is NaN or inf."""
+    n = len(models)
+    c = np.float32(coefficient)
+    taus = np.empty((n, BLOCK), np.float32)
+    votes = np.empty(BLOCK, np.float32)
+    total = np.empty(BLOCK, np.float32)
+    count = np.empty(BLOCK, np.float32)
+    bad = False
+    for start in range(lo, hi, BLOCK):
+        width = min(BLOCK, hi - start)
+        for m in range(n):
+            x = models[m]
+            row = taus[m]
+            w = weights[m]
+            if use_masks:
+                keep = masks[m]
+                for i in range(width):
+                    row[i] = ((load(x, start + i) - load(base, start + i)) * w) * np.float32(keep[start - lo + i])
+            else:
+                for i in range(width):
+                    row[i] = (load(x, start + i) - load(base, start + i)) * w
+        for i in range(width):
+            votes[i] = taus[0, i] if mass else _sign(taus[0, i])
+        for m in range(1, n):
+            row = taus[m]
+            for i in range(width):
+                votes[i] += row[i] if mass else _sign(row[i])
+        for i in range(width):
+            votes[i] = _sign(votes[i])
+            agrees = np.float32(_sign(taus[0, i]) == votes[i])
+            count[i] = agrees
+            total[i] = taus[0, i] * agrees
+        for m in range(1, n):
+            row = taus[m]
+            for i in range(width):
+                agrees = np.float32(_sign(row[i]) == votes[i])
+                count[i] += agrees
+                total[i] += row[i] * agrees
+        for i in range(width):
+            mean = total[i] / max(count[i], np.float32(1.0))
+            bad |= store(out, start + i, mean * c + load(base, start + i))
+    return not bad

@@ -1,0 +1,90 @@
+"""Compiled per-element kernels over the inputs' own dtypes (fp16, bf16, fp32), for the methods whose torch
+form makes a dozen passes over every element (Model Stock: four conversions, three differences, six dot
+products, a sum, the base again, a product, a sum and the output's conversion and check).
+
+On 2 CPU cores those passes run at the memory's speed, so fusing them into one loop per slice is what
+brings such a method near the I/O floor (docs/PERFORMANCE.md). numba compiles the loops (no C compiler on
+the user's machine, a wheel on every platform the web UIs run on); without it, or when its conversions
+do not match torch's bit for bit on this CPU (checked once), the methods decline and the engine runs
+their torch form, which stays the reference.
+
+Arrays reach the kernels as NumPy views of the raw tensors. fp16 and bf16 are both 16-bit patterns, so
+the array's dtype names the format: fp16 as uint16, bf16 as int16, fp32 as float32 (`bits_view`).
+Conversions are LLVM's (`fpext`/`fptrunc` of half, F16C on x86) and torch's bf16 rounding: exact to
+fp32, round-to-nearest-even back, as torch does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Set MERGE_LAB_KERNELS=0 to run every method's torch form (A/B benchmarks, bisecting a difference).
+ENV_SWITCH = "MERGE_LAB_KERNELS"
+_VIEW_DTYPES = {torch.float16: torch.uint16, torch.bfloat16: torch.int16, torch.float32: torch.float32}
+FORMATS = frozenset(_VIEW_DTYPES)  # the dtypes the kernels read and write
+
+
+def bits_view(tensor: torch.Tensor) -> np.ndarray:
+    """A flat NumPy view of a contiguous CPU tensor in the kernels' convention (fp16 → uint16 bits,
+    bf16 → int16 bits, fp32 as is)."""
+    return tensor.reshape(-1).view(_VIEW_DTYPES[tensor.dtype]).numpy()
+
+
+def supports(tensors) -> bool:
+    """Whether the kernels can take these tensors: contiguous CPU tensors, all of one supported dtype
+    (one compiled specialization per dtype, not one per mix), and the kernels are available."""
+    first = tensors[0]
+    return (first.dtype in FORMATS and all(t.device.type == "cpu" and t.dtype == first.dtype
+                                                  and t.is_contiguous() for t in tensors)
+            and compiled() is not None)
+
+
+def compiled():
+    """The compiled kernels' module, or None when numba is missing, the kernels are switched off
+    (MERGE_LAB_KERNELS=0, read at every call), or its conversions differ from torch's here."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return _load()
+
+
+@functools.cache
+def _load():
+    try:
+        from . import _numba_kernels as k
+    except ImportError as e:  # numba not installed: the torch forms run
+        log.info("merge kernels off (%s); using the torch form of every method", e)
+        return None
+    problem = _self_test(k)
+    if problem:
+        log.warning("merge kernels off: %s; using the torch form of every method", problem)
+        return None
+    return k
+
+
+def _self_test(k) -> str | None:
+    """Every fp16 and bf16 pattern to fp32 and a spread of fp32 values back, against torch's conversions."""
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    values = torch.cat([patterns.view(torch.float16).float(), patterns.view(torch.bfloat16).float(),
+                        torch.tensor([65504.0, 65520.0, 1e-8, -3e38, 2.0 ** -24, 2.0 ** -25])])
+    values = values[torch.isfinite(values)].contiguous()
+    for dtype in (torch.float16, torch.bfloat16):
+        raw = patterns.view(dtype)
+        got = np.empty(raw.numel(), np.float32)
+        k.to_float32(bits_view(raw), got)
+        want = raw.float().numpy()
+        nan = np.isnan(want)
+        if not (np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32),
+                                                                        want[~nan].view(np.uint32))):
+            return f"{dtype} to float32 differs from torch"
+        out = torch.empty(values.numel(), dtype=dtype)
+        k.from_float32(values.numpy(), bits_view(out))
+        if not torch.equal(out.view(_VIEW_DTYPES[dtype]), values.to(dtype).view(_VIEW_DTYPES[dtype])):
+            return f"float32 to {dtype} differs from torch"
+    return None
