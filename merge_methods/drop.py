@@ -34,6 +34,7 @@ from .task_vectors import (
     SCALE,
     apply_to_base,
     check_k,
+    raw_ties_mean,
     task_vectors,
     ties_filter_,
     ties_merge,
@@ -248,6 +249,28 @@ def _check_tsd(params, n_models: int) -> None:
 TSD_COMBINE = ("mean", "geometric_median")
 
 
+def _raw_tsd(models, base, out, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps,
+             max_iter, tol):
+    """TSD's default form (mean, no trimming, no rescale, no stock) compiled: the keep masks of all models
+    drawn piece by piece as `drop_` draws them, the TIES-SOUP of the kept entries in the kernel."""
+    coefficient = ratio * scale
+    threshold = keep_threshold(p)
+    if combine != "mean" or k < 1 or rescale or stock or coefficient == 0 or threshold >= 2**24:
+        return None
+    if p <= 0:
+        return raw_ties_mean(models, base, out, ctx, election, coefficient)
+    seeds = _seeds(ctx, range(len(models)))
+
+    def masks(numel):
+        piece = max(MIN_PIECE, DRAW_PIECE // len(models))
+        keep = np.empty((len(models), min(piece, numel)), dtype=np.bool_)
+        for start, stop in _pieces(ctx, numel, piece):
+            _keep(seeds, ctx.offset + start, stop - start, threshold, keep[:, :stop - start])
+            yield start, stop, keep[:, :stop - start]
+
+    return raw_ties_mean(models, base, out, ctx, election, coefficient, masks)
+
+
 def tsd_statistics(models, base, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter,
                    tol):
     """Gram matrices of the dropped task vectors (for `stock`) and of the sign-filtered ones (for the geometric
@@ -298,6 +321,7 @@ def _tsd_chunkable(params) -> bool:
     statistics_needed=_tsd_needs_statistics,
     statistics_stages=trim_stages,
     check=_check_tsd,
+    raw_merge=_raw_tsd,
 )
 def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter, tol):
     _check_p(p)

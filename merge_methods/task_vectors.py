@@ -10,8 +10,10 @@ rows of the whole tensor.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import kernels
 from .registry import KeyContext, Param, merge_method
 from .tensors import sum_
 
@@ -228,6 +230,36 @@ def ties_filter_(taus: list[torch.Tensor], k: float, election: str) -> list[torc
     return taus
 
 
+def raw_ties_mean(models, base, out, ctx: KeyContext, election: str, coefficient: float,
+                  masks=None) -> bool | None:
+    """`ties_merge` without trimming, then θ_base + coefficient·τ*, compiled, over one slice's raw inputs into
+    `out` (the same bits); `masks(start, stop)`, when given, yields the keep masks of drop methods piece by
+    piece: (start, stop, bool array models × (stop − start)). None when the kernels cannot take them."""
+    if out.dtype not in kernels.FORMATS or not kernels.supports([*models, base]):
+        return None
+    compiled = kernels.compiled()
+    views = tuple(kernels.bits_view(m) for m in models)
+    base_view, out_view = kernels.bits_view(base), kernels.bits_view(out)
+    weights = np.array(model_weights(ctx, len(models)), dtype=np.float32)
+    mass = election == "mass"
+    if masks is None:
+        no_masks = np.empty((len(models), 0), dtype=np.bool_)
+        return compiled.ties_disjoint_mean(views, base_view, weights, no_masks, False, mass, coefficient, out_view,
+                                           0, base_view.size)
+    finite = True
+    for start, stop, keep in masks(base_view.size):
+        finite &= compiled.ties_disjoint_mean(views, base_view, weights, keep, True, mass, coefficient, out_view,
+                                              start, stop)
+    return finite
+
+
+def _raw_ties(models, base, out, ratio, ctx: KeyContext, k, scale, election):
+    coefficient = ratio * scale
+    if k < 1 or coefficient == 0:
+        return None  # trimming (a whole-tensor threshold), or the base: the torch form
+    return raw_ties_mean(models, base, out, ctx, election, coefficient)
+
+
 def check_k(k: float) -> None:
     if not 0.0 <= k <= 1.0:
         raise ValueError(f"k must be in [0, 1], got {k}")
@@ -279,6 +311,7 @@ def trims_tensor(params, shape) -> bool:
     statistics=ties_statistics,
     statistics_needed=trims_tensor,
     statistics_stages=trim_stages,
+    raw_merge=_raw_ties,
 )
 def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
     return _ties(models, base, ratio, ctx, k, scale, election)
@@ -296,6 +329,7 @@ def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
     statistics=ties_statistics,
     statistics_needed=trims_tensor,
     statistics_stages=trim_stages,
+    raw_merge=_raw_ties,
 )
 def ties_soup(models, base, ratio, ctx: KeyContext, k, scale, election):
     return _ties(models, base, ratio, ctx, k, scale, election)

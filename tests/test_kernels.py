@@ -1,0 +1,198 @@
+"""The compiled kernels (merge_methods/kernels.py): their conversions are torch's, their Model Stock is the
+torch form's bits for the same Gram matrix, and the engine uses them, errors included."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import merge_lab_methods as M
+from merge_lab.engine import merge_to_state_dict
+from merge_lab.errors import MergeLabError
+from merge_lab.recipe import Recipe
+from merge_lab_methods import kernels
+from merge_lab_methods.model_stock import gram, model_stock, model_stock_raw_merge, pairwise_cosines
+from merge_lab_methods.registry import KeyContext
+
+FORMATS = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def test_the_kernels_are_available_and_convert_as_torch_does():
+    # numba is a dependency: a machine where the kernels are off runs every merge the slow way, so this
+    # fails rather than skips
+    module = kernels.compiled()
+    assert module is not None
+    assert kernels._self_test(module) is None  # every fp16 and bf16 pattern, and fp32 values back
+
+
+def test_the_switch_turns_them_off(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.compiled() is None
+    assert model_stock_raw_merge([torch.zeros(4)] * 2, torch.zeros(4), torch.empty(4), 1.0,
+                                 KeyContext(shape=(4,)), "tensor") is None
+
+
+def family(n_models, numel, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=g)
+    base[:5] = torch.tensor([0.0, -0.0, 1e-7, -3e-6, 6e-5])  # zeros and fp16 subnormals
+    shared = torch.randn(numel, generator=g) * 0.02
+    models = [(base + shared + 0.01 * torch.randn(numel, generator=g)).to(dtype) for _ in range(n_models)]
+    return models, base.to(dtype)
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("in_dtype", FORMATS)
+@pytest.mark.parametrize("out_dtype", FORMATS)
+def test_compiled_model_stock_is_the_torch_forms_bits(n_models, in_dtype, out_dtype):
+    numel = 3 * 2048 + 77  # blocks of the Gram kernel and a remainder
+    models, base = family(n_models, numel, in_dtype)
+    taus = [m.float() - base.float() for m in models]
+    stats = {"gram": gram(taus)}
+    ctx = KeyContext(shape=(numel,), stats=stats)
+    for ratio in (1.0, 0.37, -0.5):
+        want = model_stock([m.float() for m in models], base.float(), ratio, ctx, granularity="tensor")
+        got = torch.empty(numel, dtype=out_dtype)
+        assert model_stock_raw_merge(models, base, got, ratio, ctx, "tensor") is True
+        assert torch.equal(got, want.to(out_dtype)), (ratio, (got.float() != want.to(out_dtype).float()).sum())
+
+
+def test_compiled_gram_gives_the_cosines_within_1e_6():
+    models, base = family(4, 100_003, torch.float16, seed=3)
+    got = torch.zeros(4, 4, dtype=torch.float64)
+    kernels.compiled().gram(tuple(kernels.bits_view(m) for m in models), kernels.bits_view(base), got.numpy())
+    exact = gram([m.double() - base.double() for m in models])
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(pairwise_cosines(got), pairwise_cosines(exact), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.diagonal(), exact.diagonal(), rtol=1e-5, atol=0)
+    # NaN or inf in an input shows in the diagonal (the engine's cue to check the inputs)
+    models[1][10] = float("inf")
+    nan = torch.zeros(4, 4, dtype=torch.float64)
+    kernels.compiled().gram(tuple(kernels.bits_view(m) for m in models), kernels.bits_view(base), nan.numpy())
+    assert not torch.isfinite(nan[1, 1])
+
+
+def test_declines_what_it_does_not_cover():
+    models, base = family(2, 100, torch.float16)
+    ctx = KeyContext(shape=(100,))
+    out = torch.empty(100, dtype=torch.float16)
+    assert model_stock_raw_merge(models, base, out, 1.0, ctx, "block") is None
+    assert model_stock_raw_merge([models[0], models[1].float()], base, out, 1.0, ctx, "tensor") is None  # a mix
+    assert model_stock_raw_merge(models, base, out.to(torch.float64), 1.0, ctx, "tensor") is None
+    assert model_stock_raw_merge(models, base, out, 0.0, ctx, "tensor") is None  # the base: the torch form
+
+
+def counting(monkeypatch, name, field):
+    method = M.registry.REGISTRY[name]
+    calls = []
+    original = getattr(method, field)
+
+    def counted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setitem(M.registry.REGISTRY, name, dataclasses.replace(method, **{field: counted}))
+    return calls
+
+
+def test_the_engine_merges_model_stock_with_the_kernels(sd1_family, monkeypatch):
+    from merge_lab import engine
+
+    base, fts = sd1_family
+    recipe = Recipe(models=[str(p) for p in fts], base=str(base), method="model_stock", alpha=0.8)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)  # keys of several slices: statistics first
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    merges = counting(monkeypatch, "model_stock", "raw_merge")
+    statistics = counting(monkeypatch, "model_stock", "raw_statistics")
+    compiled = merge_to_state_dict(recipe).state_dict
+    assert sum(merges) > 100 and sum(statistics) > 100
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    reference = merge_to_state_dict(recipe).state_dict
+    assert set(compiled) == set(reference)
+    same = total = 0
+    for key, want in reference.items():
+        got = compiled[key]
+        assert got.dtype == want.dtype
+        # t comes from the compiled Gram matrix (shorter float32 blocks): an fp16 ulp apart at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=1e-6)
+        same += int((got == want).sum())
+        total += want.numel()
+    assert same / total > 0.99
+
+
+def test_an_fp16_overflow_in_the_kernel_is_the_one_line_error(sd1_family, tmp_path, monkeypatch):
+    base, fts = sd1_family
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    paths = []
+    for index, (path, value) in enumerate([(base, 64000.0), *zip(fts, (65000.0, 65100.0, 65200.0))]):
+        tensors = load_file(path)
+        tensors[key] = torch.full_like(tensors[key], value)
+        tensors[key].view(-1)[0] -= 64 * index  # not all equal: a defined cosine
+        paths.append(tmp_path / f"m{index}.safetensors")
+        save_file(tensors, paths[-1])
+    merges = counting(monkeypatch, "model_stock", "raw_merge")
+    recipe = Recipe(models=[str(p) for p in paths[1:]], base=str(paths[0]), method="model_stock", alpha=2.0)
+    with pytest.raises(MergeLabError, match="the merged value is NaN or inf") as info:
+        merge_to_state_dict(recipe)
+    assert key in str(info.value) and "\n" not in str(info.value)
+    assert any(merges)
+
+
+TIES_CASES = [
+    ("ties_soup", {}),
+    ("ties_soup", {"election": "mass", "scale": 0.7}),
+    ("ties", {"k": 1.0}),
+    ("tsd", {}),
+    ("tsd", {"p": 0.5, "election": "mass"}),
+    ("tsd", {"p": 0.0}),
+]
+
+
+@pytest.mark.parametrize("name, params", TIES_CASES)
+@pytest.mark.parametrize("in_dtype", FORMATS)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("weights", [None, (1.0, -0.5, 2.0)])
+def test_compiled_ties_soup_and_tsd_are_the_torch_forms_bits(name, params, in_dtype, out_dtype, weights):
+    method = M.registry.get_method(name)
+    full = method.normalize_params(params)
+    numel = 2 * 2048 + 301
+    models, base = family(3, numel, in_dtype, seed=7)
+    models[2][:50] = base[:50]  # zero task-vector entries: ties of the vote
+    for offset in (0, 4097):  # a slice of a bigger tensor: the masks of those elements
+        ctx = KeyContext(key="k.weight", seed=11, shape=(numel + offset,), offset=offset, weights=weights)
+        want = method.fn([m.float() for m in models], base.float(), 0.8, ctx, **full).to(out_dtype)
+        got = torch.empty(numel, dtype=out_dtype)
+        assert method.raw_merge(models, base, got, 0.8, ctx, **full) is True
+        assert torch.equal(got, want), (offset, int((got != want).sum()))
+
+
+@pytest.mark.parametrize("name, params", [("ties", {}), ("ties_soup", {"k": 0.5}), ("tsd", {"rescale": True}),
+                                          ("tsd", {"stock": True}), ("tsd", {"p": 1.0}),
+                                          ("tsd", {"combine": "geometric_median"})])
+def test_the_ties_kernels_decline_what_they_do_not_cover(name, params):
+    method = M.registry.get_method(name)
+    models, base = family(2, 100, torch.float16)
+    out = torch.empty(100, dtype=torch.float16)
+    assert method.raw_merge(models, base, out, 1.0, KeyContext(shape=(100,)), **method.normalize_params(params)) is None
+
+
+@pytest.mark.parametrize("name", ["ties_soup", "tsd"])
+def test_the_engine_merges_ties_soup_and_tsd_with_the_kernels_to_the_same_bits(name, sd1_family, monkeypatch):
+    from merge_lab import engine
+
+    base, fts = sd1_family
+    recipe = Recipe(models=[str(p) for p in fts], base=str(base), method=name, alpha=0.8, seed=5)
+    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)
+    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    merges = counting(monkeypatch, name, "raw_merge")
+    compiled = merge_to_state_dict(recipe).state_dict
+    assert sum(merges) > 100
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    reference = merge_to_state_dict(recipe).state_dict
+    assert set(compiled) == set(reference)
+    for key in reference:
+        assert torch.equal(compiled[key], reference[key]), key
