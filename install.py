@@ -23,6 +23,11 @@ REQUIREMENTS = {
     "PIL": "pillow",
     "numpy": "numpy",
 }
+# Installed when missing, but merges run without them: numba compiles the per-element kernels
+# (merge_methods/kernels.py). A host whose pinned numpy no numba release supports keeps the torch form.
+OPTIONAL = {
+    "numba": "numba>=0.59",
+}
 # Never changed by us: pip may only install a requirement that works with these exact versions.
 PROTECTED = ("torch", "torchvision", "xformers", "gradio", "gradio_client", "diffusers", "transformers",
              "numpy", "pillow", "safetensors", "huggingface_hub", "fastapi", "pydantic", "accelerate")
@@ -36,8 +41,8 @@ def importable(module: str) -> bool:
     return True
 
 
-def missing_requirements() -> list[str]:
-    return [req for module, req in REQUIREMENTS.items() if not importable(module)]
+def missing_requirements(requirements: dict[str, str] = REQUIREMENTS) -> list[str]:
+    return [req for module, req in requirements.items() if not importable(module)]
 
 
 def protected_versions() -> dict[str, str]:
@@ -65,18 +70,29 @@ def _host_launch():
     return launch if callable(getattr(launch, "run_pip", None)) else None
 
 
+def pip_install(requirements: list[str], constraints: str) -> None:
+    launch = _host_launch()
+    if launch is not None:
+        args = " ".join(f'"{req}"' for req in requirements) + f' -c "{constraints}"'
+        launch.run_pip(f"install {args}", f"Merge Lab requirements: {', '.join(requirements)}")
+    else:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *requirements, "-c", constraints])
+
+
 def main() -> int:
-    missing = missing_requirements()
-    if not missing:
+    missing, optional = missing_requirements(), missing_requirements(OPTIONAL)
+    if not missing and not optional:
         return 0
     constraints = constraints_file(protected_versions())
     try:
-        args = " ".join(f'"{req}"' for req in missing) + f' -c "{constraints}"'
-        launch = _host_launch()
-        if launch is not None:
-            launch.run_pip(f"install {args}", f"Merge Lab requirements: {', '.join(missing)}")
-        else:
-            subprocess.check_call([sys.executable, "-m", "pip", "install", *missing, "-c", constraints])
+        if missing:
+            pip_install(missing, constraints)
+        if optional:
+            try:
+                pip_install(optional, constraints)
+            except Exception as e:  # the host's run_pip raises RuntimeError, pip itself CalledProcessError
+                print(f"Merge Lab: {', '.join(optional)} not installed ({str(e).splitlines()[0] if str(e) else e!r}); "
+                      "merges run without the compiled kernels, slower", file=sys.stderr)
     finally:
         os.remove(constraints)
     return 0
