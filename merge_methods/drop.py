@@ -158,6 +158,19 @@ def keep_mask(ctx: KeyContext, model_index: int, count: int, p: float) -> torch.
     return torch.from_numpy(out[0])
 
 
+def keep_pieces(ctx: KeyContext, n_models: int, numel: int, threshold: int):
+    """The keep masks of models 0 … n_models − 1 over `numel` elements from ctx.offset, drawn together a
+    piece at a time: (start, stop, bool array n_models × (stop − start)), start and stop relative to
+    ctx.offset. The masks of a piece stay one DRAW_PIECE in all, in one buffer reused for every piece."""
+    seeds = _seeds(ctx, range(n_models))
+    piece = max(MIN_PIECE, DRAW_PIECE // n_models)
+    keep = np.empty((n_models, min(piece, numel)), dtype=np.bool_)
+    for start, stop in _pieces(ctx, numel, piece):
+        masks = keep[:, :stop - start]
+        _keep(seeds, ctx.offset + start, stop - start, threshold, masks)
+        yield start, stop, masks
+
+
 def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) -> list[torch.Tensor]:
     """mᵢ ⊙ τᵢ (÷ (1 − p) when rescaling), in place, a piece of the masks at a time (no whole-tensor mask).
     p = 0 keeps everything, p = 1 drops everything (no rescale then: there is nothing left). The masks of
@@ -170,16 +183,10 @@ def drop_(taus: list[torch.Tensor], ctx: KeyContext, p: float, rescale: bool) ->
         for tau in taus:
             tau.zero_()
         return taus
-    seeds = _seeds(ctx, range(len(taus)))
-    numel = taus[0].numel()
-    piece = max(MIN_PIECE, DRAW_PIECE // len(taus))  # the masks of a piece stay one DRAW_PIECE in all
-    keep = np.empty((len(taus), min(piece, numel)), dtype=np.bool_)
     # numpy views of CPU float tensors: numpy's float-by-bool product is 3x faster than torch's
     arrays = [tau.view(-1).numpy() if tau.device.type == "cpu" and tau.dtype in (torch.float32, torch.float64)
               else tau.view(-1) for tau in taus]
-    for start, stop in _pieces(ctx, numel, piece):
-        masks = keep[:, :stop - start]
-        _keep(seeds, ctx.offset + start, stop - start, threshold, masks)
+    for start, stop, masks in keep_pieces(ctx, len(taus), taus[0].numel(), threshold):
         for values, mask in zip(arrays, masks):
             if isinstance(values, np.ndarray):
                 np.multiply(values[start:stop], mask, out=values[start:stop])
@@ -257,17 +264,7 @@ def _raw_tsd(models, base, out, ratio, ctx: KeyContext, p, k, election, rescale,
     threshold = keep_threshold(p)
     if combine != "mean" or k < 1 or rescale or stock or coefficient == 0 or threshold >= 2**24:
         return None
-    if p <= 0:
-        return raw_ties_mean(models, base, out, ctx, election, coefficient)
-    seeds = _seeds(ctx, range(len(models)))
-
-    def masks(numel):
-        piece = max(MIN_PIECE, DRAW_PIECE // len(models))
-        keep = np.empty((len(models), min(piece, numel)), dtype=np.bool_)
-        for start, stop in _pieces(ctx, numel, piece):
-            _keep(seeds, ctx.offset + start, stop - start, threshold, keep[:, :stop - start])
-            yield start, stop, keep[:, :stop - start]
-
+    masks = None if p <= 0 else keep_pieces(ctx, len(models), base.numel(), threshold)
     return raw_ties_mean(models, base, out, ctx, election, coefficient, masks)
 
 

@@ -37,13 +37,17 @@ def bits_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(_VIEW_DTYPES[tensor.dtype]).numpy()
 
 
-def supports(tensors) -> bool:
-    """Whether the kernels can take these tensors: contiguous CPU tensors, all of one supported dtype
-    (one compiled specialization per dtype, not one per mix), and the kernels are available."""
-    first = tensors[0]
-    return (first.dtype in FORMATS and all(t.device.type == "cpu" and t.dtype == first.dtype
-                                                  and t.is_contiguous() for t in tensors)
-            and compiled() is not None)
+def raw_views(models, base, out=None):
+    """(model views, base view, out view or None): the `bits_view`s of one slice's tensors, or None when the
+    kernels cannot take them. They take contiguous CPU tensors, the inputs all of one supported dtype (one
+    compiled specialization per dtype, not one per mix), and only when they are available."""
+    inputs = [*models, base]
+    first = inputs[0]
+    if (first.dtype not in FORMATS or (out is not None and out.dtype not in FORMATS)
+            or not all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in inputs)
+            or compiled() is None):
+        return None
+    return tuple(bits_view(m) for m in models), bits_view(base), None if out is None else bits_view(out)
 
 
 def compiled():

@@ -151,18 +151,17 @@ def model_stock_from_partial(partial, base, ratio, ctx: KeyContext, granularity)
     return apply_to_base(base, partial, t * (ratio / gram_matrix.shape[0]))
 
 
-def _raw_gram(models, base) -> torch.Tensor | None:
-    """The Gram matrix of the task vectors straight from the raw inputs (compiled), or None."""
-    if not kernels.supports([*models, base]):
-        return None
+def _compiled_gram(views) -> torch.Tensor:
+    """The Gram matrix of the task vectors from `kernels.raw_views` of a slice (compiled)."""
+    models, base, _ = views
     total = np.zeros((len(models), len(models)))
-    kernels.compiled().gram(tuple(kernels.bits_view(m) for m in models), kernels.bits_view(base), total)
+    kernels.compiled().gram(models, base, total)
     return torch.from_numpy(total)
 
 
 def model_stock_raw_statistics(models, base, ctx: KeyContext, granularity):
-    gram_matrix = _raw_gram(models, base)
-    return None if gram_matrix is None else {"gram": gram_matrix}
+    views = kernels.raw_views(models, base)
+    return None if views is None else {"gram": _compiled_gram(views)}
 
 
 def model_stock_raw_merge(models, base, out, ratio, ctx: KeyContext, granularity):
@@ -172,16 +171,15 @@ def model_stock_raw_merge(models, base, out, ratio, ctx: KeyContext, granularity
     shorter than `gram_for_cosines`' (cosines within 1e-6 of each other, tested)."""
     if not _uses_tensor_statistics({"granularity": granularity}, ctx.shape or tuple(base.shape)):
         return None
-    if out.dtype not in kernels.FORMATS or not kernels.supports([*models, base]):
+    views = kernels.raw_views(models, base, out)
+    if views is None:
         return None
     stats = ctx.stats or {}
-    gram_matrix = stats["gram"] if "gram" in stats else _raw_gram(models, base)
-    t = whole_tensor_t(gram_matrix)
+    t = whole_tensor_t(stats["gram"] if "gram" in stats else _compiled_gram(views))
     if ratio == 0 or t == 0:
         return None  # the base itself: the torch form copies it
-    return kernels.compiled().base_plus_scaled_sum(tuple(kernels.bits_view(m) for m in models),
-                                                   kernels.bits_view(base), t * (ratio / len(models)),
-                                                   kernels.bits_view(out))
+    model_views, base_view, out_view = views
+    return kernels.compiled().base_plus_scaled_sum(model_views, base_view, t * (ratio / len(models)), out_view)
 
 
 @merge_method(

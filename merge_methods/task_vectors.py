@@ -231,25 +231,22 @@ def ties_filter_(taus: list[torch.Tensor], k: float, election: str) -> list[torc
 
 
 def raw_ties_mean(models, base, out, ctx: KeyContext, election: str, coefficient: float,
-                  masks=None) -> bool | None:
+                  mask_pieces=None) -> bool | None:
     """`ties_merge` without trimming, then θ_base + coefficient·τ*, compiled, over one slice's raw inputs into
-    `out` (the same bits); `masks(start, stop)`, when given, yields the keep masks of drop methods piece by
-    piece: (start, stop, bool array models × (stop − start)). None when the kernels cannot take them."""
-    if out.dtype not in kernels.FORMATS or not kernels.supports([*models, base]):
+    `out` (the same bits). `mask_pieces`, for drop methods: the keep masks covering the slice, piece by
+    piece, as (start, stop, bool array models × (stop − start)). None when the kernels cannot take them."""
+    views = kernels.raw_views(models, base, out)
+    if views is None:
         return None
-    compiled = kernels.compiled()
-    views = tuple(kernels.bits_view(m) for m in models)
-    base_view, out_view = kernels.bits_view(base), kernels.bits_view(out)
+    model_views, base_view, out_view = views
     weights = np.array(model_weights(ctx, len(models)), dtype=np.float32)
-    mass = election == "mass"
-    if masks is None:
-        no_masks = np.empty((len(models), 0), dtype=np.bool_)
-        return compiled.ties_disjoint_mean(views, base_view, weights, no_masks, False, mass, coefficient, out_view,
-                                           0, base_view.size)
+    use_masks = mask_pieces is not None
+    if not use_masks:
+        mask_pieces = [(0, base_view.size, np.empty((len(models), 0), dtype=np.bool_))]
     finite = True
-    for start, stop, keep in masks(base_view.size):
-        finite &= compiled.ties_disjoint_mean(views, base_view, weights, keep, True, mass, coefficient, out_view,
-                                              start, stop)
+    for start, stop, keep in mask_pieces:
+        finite &= kernels.compiled().ties_disjoint_mean(model_views, base_view, weights, keep, use_masks,
+                                                        election == "mass", coefficient, out_view, start, stop)
     return finite
 
 

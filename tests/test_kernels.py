@@ -63,7 +63,7 @@ def test_compiled_model_stock_is_the_torch_forms_bits(n_models, in_dtype, out_dt
 def test_compiled_gram_gives_the_cosines_within_1e_6():
     models, base = family(4, 100_003, torch.float16, seed=3)
     got = torch.zeros(4, 4, dtype=torch.float64)
-    kernels.compiled().gram(tuple(kernels.bits_view(m) for m in models), kernels.bits_view(base), got.numpy())
+    kernels.compiled().gram(*kernels.raw_views(models, base)[:2], got.numpy())
     exact = gram([m.double() - base.double() for m in models])
     assert torch.equal(got, got.T)
     torch.testing.assert_close(pairwise_cosines(got), pairwise_cosines(exact), rtol=0, atol=1e-6)
@@ -71,7 +71,7 @@ def test_compiled_gram_gives_the_cosines_within_1e_6():
     # NaN or inf in an input shows in the diagonal (the engine's cue to check the inputs)
     models[1][10] = float("inf")
     nan = torch.zeros(4, 4, dtype=torch.float64)
-    kernels.compiled().gram(tuple(kernels.bits_view(m) for m in models), kernels.bits_view(base), nan.numpy())
+    kernels.compiled().gram(*kernels.raw_views(models, base)[:2], nan.numpy())
     assert not torch.isfinite(nan[1, 1])
 
 
