@@ -57,7 +57,7 @@ def ensure_checkpoints(arch: str, n_models: int, folder: Path | None = None, *, 
         if verbose:
             print(f"generating {path} ...", file=sys.stderr, flush=True)
         entries = [OutputEntry(k, "I64" if k.endswith("position_ids") else "F16", s) for k, s in shapes.items()]
-        with SafetensorsWriter(path, entries, {"format": "pt", "merge_lab.bench": name}) as w:
+        with SafetensorsWriter(path, entries, {"format": "pt", "merge_lab.bench": name}, overwrite=True) as w:
             for key, shape in shapes.items():
                 base = _value(key, shape, "base", 0, torch.float32)
                 if index and base.is_floating_point() and base.numel() > 1:
@@ -79,7 +79,7 @@ def io_floor(inputs: list[str], out: str) -> None:
     entries = [OutputEntry(k, t.dtype, t.shape) for k, t in first.tensors.items()]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool, SafetensorsWriter(out, entries, {"format": "pt"}) as w:
+    with ThreadPoolExecutor(2) as pool, SafetensorsWriter(out, entries, {"format": "pt"}, overwrite=True) as w:
         def read_all(key):
             tensors = [r.read(key) for r in readers]
             return tensors[0]
@@ -158,7 +158,7 @@ def worker_main(argv: list[str]) -> int:
         from .recipe import Recipe
 
         recipe = Recipe(**json.loads(method))
-        merge_to_file(recipe.replace(out=out))
+        merge_to_file(recipe.replace(out=out), overwrite=True)
     elif variant == "sd-mecha":
         from .bench_mecha import run_mecha
 

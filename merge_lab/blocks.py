@@ -11,9 +11,14 @@ so a 26/20-value string gives SuperMerger's result while each can still be set o
 - ``VAE``   ``first_stage_model.*``, follows BASE (SuperMerger merges the VAE at BASE);
 - ``TE1`` / ``TE2``  SDXL's two text encoders, follow BASE (SD1/SD2 text encoders are BASE itself).
 
-Keys that are never merged (block ``None``): ``position_ids``, ``logit_scale``, EMA copies
-(``model_ema.*``), DDPM schedule buffers and anything else outside the UNet / VAE / text encoders.
-They are copied from the first model unchanged.
+Keys that are never merged (block ``None``) are of two kinds, both copied from the first model that has them:
+*kept* keys (``position_ids``, ``logit_scale``, the ``v_pred`` / ``ztsnr`` markers, ``denoiser.sigmas``) and
+*training leftovers* (EMA copies ``model_ema.*``, DDPM schedule buffers, a VAE's training loss), which
+``--prune`` drops. Any other key is not part of the architecture as we know it: ``key_role`` says
+"unknown" and the merge refuses it rather than copy it unmerged.
+
+The SDXL refiner (four UNet levels, like SD1/SD2) takes the 26-value order; its one text encoder
+(OpenCLIP-G) is BASE.
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ import re
 from collections.abc import Mapping, Sequence
 
 from .errors import RecipeError
-from .layouts import SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .layouts import (
+    REFINER_TE_PREFIX,
+    SD1_TE_PREFIX,
+    SD2_TE_PREFIX,
+    SDXL_TE1_PREFIX,
+    SDXL_TE2_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 
-_UNET_BLOCK_COUNT = {"sd1": 12, "sd2": 12, "sdxl": 9}
+_UNET_BLOCK_COUNT = {"sd1": 12, "sd2": 12, "sdxl": 9, "sdxl-refiner": 12}
+_TEXT_ENCODER_PREFIXES = {"sd1": (SD1_TE_PREFIX,), "sd2": (SD2_TE_PREFIX,), "sdxl-refiner": (REFINER_TE_PREFIX,)}
 
 
 def main_blocks(arch: str) -> list[str]:
@@ -46,12 +60,42 @@ def all_blocks(arch: str) -> list[str]:
 
 
 _NEVER_MERGED_SUFFIXES = ("position_ids", "logit_scale")
+# Markers and buffers hosts read, kept as they are (even with --prune): NoobAI-style v-prediction SDXL
+# files carry empty `v_pred` / `ztsnr` tensors that the web UIs test for; sgm's denoiser keeps its sigmas.
+KEPT_KEYS = ("v_pred", "ztsnr", "denoiser.sigmas")
+# What training leaves in a checkpoint and no host needs: the EMA copy (LDM names it model_ema.<name without
+# dots>), the DDPM schedule buffers (the hosts build their own), a VAE's training loss (LPIPS, discriminator).
+_DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar")
+_LEFTOVER_PREFIXES = ("model_ema.", VAE_PREFIX + "loss.")
+
+
+def key_role(key: str, arch: str) -> str:
+    """"merge" (a key of a block), "kept" (never merged, always kept), "leftover" (never merged, dropped by
+    --prune) or "unknown" (not part of `arch` as we know it)."""
+    if key.startswith(_LEFTOVER_PREFIXES) or key in _DDPM_BUFFERS:
+        return "leftover"
+    if key in KEPT_KEYS:
+        return "kept"
+    if block_of(key, arch) is not None:
+        return "merge"
+    if key.endswith(_NEVER_MERGED_SUFFIXES) and _in_text_encoder(key, arch):
+        return "kept"
+    return "unknown"
+
+
+def _in_text_encoder(key: str, arch: str) -> bool:
+    if arch == "sdxl":
+        return key.startswith((SDXL_TE1_PREFIX, SDXL_TE2_PREFIX))
+    return key.startswith(_TEXT_ENCODER_PREFIXES[arch])
 _INPUT = re.compile(r"^input_blocks\.(\d+)\.")
 _OUTPUT = re.compile(r"^output_blocks\.(\d+)\.")
 
 
 def block_of(key: str, arch: str) -> str | None:
-    """The block of `key`, or None for keys that are never merged."""
+    """The block of `key`, or None for keys that are never merged or not part of `arch` (see key_role)."""
     if key.endswith(_NEVER_MERGED_SUFFIXES):
         return None
     if key.startswith(UNET_PREFIX):
@@ -64,7 +108,7 @@ def block_of(key: str, arch: str) -> str | None:
             return _checked_index("OUT", int(m.group(1)), arch)
         if rest.startswith("middle_block."):
             return "M00"
-        if rest.startswith(("time_embed.", "label_emb.")):
+        if rest.startswith("time_embed.") or (rest.startswith("label_emb.") and arch in ("sdxl", "sdxl-refiner")):
             return "TIME"
         if rest.startswith("out."):
             return "OUT"
@@ -77,7 +121,7 @@ def block_of(key: str, arch: str) -> str | None:
         if key.startswith(SDXL_TE2_PREFIX):
             return "TE2"
         return None
-    if key.startswith((SD1_TE_PREFIX, SD2_TE_PREFIX)):
+    if key.startswith(_TEXT_ENCODER_PREFIXES[arch]):
         return "BASE"
     return None
 

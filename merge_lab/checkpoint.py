@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -9,6 +10,7 @@ import re
 import torch
 
 from .errors import CheckpointError
+from .layouts import current_key_name
 from .safetensors_io import DTYPE_NAMES, Header, SafetensorsReader, TensorInfo, valid_text
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -116,14 +118,42 @@ class PickleReader:
 
 
 def open_checkpoint(path: str | os.PathLike) -> SafetensorsReader | PickleReader:
+    """A reader of the file whose keys have their current names (old SD1 text-encoder names renamed)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError("file not found", path=path)
     if not os.path.isfile(path):
         raise CheckpointError("not a file", path=path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        return PickleReader(path)
-    return SafetensorsReader(path)
+    reader = PickleReader(path) if path.lower().endswith(PICKLE_SUFFIXES) else SafetensorsReader(path)
+    try:
+        rename_legacy_keys(reader)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def rename_legacy_keys(reader: SafetensorsReader | PickleReader) -> int:
+    """Give the reader's keys their current names, in place (a key's name is only the label of its offsets);
+    returns how many were renamed, also kept as `reader.renamed_keys`. A file holding a key under both its
+    old and its current name is refused: which one the host would load is not ours to guess."""
+    tensors = reader.header.tensors
+    renamed = {key: current_key_name(key) for key in tensors}
+    count = sum(1 for old, new in renamed.items() if old != new)
+    reader.renamed_keys = count
+    if not count:
+        return 0
+    seen: dict[str, str] = {}
+    for old, new in renamed.items():
+        if new in seen:
+            raise CheckpointError(f"holds the text-encoder key both under its old name {seen[new]!r} and its "
+                                  "current name", path=reader.header.path, key=new)
+        seen[new] = old
+    reader.header = dataclasses.replace(
+        reader.header, tensors={new: dataclasses.replace(tensors[old], key=new) for old, new in renamed.items()})
+    if isinstance(reader, PickleReader):
+        reader._tensors = {renamed[k]: v for k, v in reader._tensors.items()}
+    return count
 
 
 def read_header_any(path: str | os.PathLike) -> Header:

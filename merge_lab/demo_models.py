@@ -61,10 +61,12 @@ def finetune_state_dict(base: dict[str, torch.Tensor], index: int, seed: int = 0
     return out
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write with our streaming writer (atomic: temporary file, verified, renamed)."""
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None, *,
+                    overwrite: bool = True) -> Path:
+    """Write with our streaming writer (atomic: temporary file, verified, renamed). A builder of demo and test
+    files: it rewrites its own files unless told not to."""
     entries = [OutputEntry(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in state.items()]
-    with SafetensorsWriter(path, entries, {"format": "pt", **(metadata or {})}) as writer:
+    with SafetensorsWriter(path, entries, {"format": "pt", **(metadata or {})}, overwrite=overwrite) as writer:
         for k, v in state.items():
             writer.write(k, v)
         writer.finish()

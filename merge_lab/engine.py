@@ -28,16 +28,18 @@ import torch
 
 from . import __version__
 from ._own import methods
-from .arch import MODELSPEC_ARCH, Architecture, detect
-from .blocks import block_of, parse_values, resolve_ratios
+from .arch import ARCH_NAMES, MODELSPEC_ARCH, Architecture, detect
+from .blocks import block_of, key_role, parse_values, resolve_ratios
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError, MergeCancelled, MergeLabError, RecipeError
 from .hashing import autov2, legacy_hash, remember_sha256, sha256_file
 from .presets import names_preset, preset_values
 from .recipe import Recipe, check_output_path, parse_size
-from .safetensors_io import DTYPES, ITEMSIZE, OutputEntry, SafetensorsWriter
+from .safetensors_io import DTYPES, EXISTS_MESSAGE, ITEMSIZE, OutputEntry, SafetensorsWriter
 
-DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
+# An output dtype per key: the first model's dtype of that key (files mix an fp32 VAE with an fp16 UNet).
+PER_KEY_DTYPE = "per-key"
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -64,10 +66,19 @@ class KeyTask:
     source: int = 0  # input to copy from
     chunks: list[tuple[int, int] | None] = field(default_factory=lambda: [None])
     needs_stats: bool = False
+    # An inpainting / instruct-pix2pix model A merged with normal models: only the first `channels` input
+    # channels (dim 1) of this key are merged, `shape` is theirs; the output has A's `full_shape`, the other
+    # channels A's values (A1111's run_modelmerger does the same).
+    channels: int | None = None
+    full_shape: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.full_shape or self.shape
 
 
 @dataclass
@@ -103,7 +114,7 @@ class MergePlan:
         self.close()
 
     def output_entries(self) -> list[OutputEntry]:
-        return [OutputEntry(t.key, t.out_dtype, t.shape) for t in self.tasks]
+        return [OutputEntry(t.key, t.out_dtype, t.out_shape) for t in self.tasks]
 
     def recipe_record(self) -> dict[str, Any]:
         """The recipe as stored in the output's `sd_merge_recipe` metadata (names, not local paths)."""
@@ -114,7 +125,7 @@ class MergePlan:
             "method": self.method.name,
             "models": [m.name for m in self.models],
             "base": self.base.name if self.base else None,
-            "alpha": r.alpha,
+            "alpha": r.effective_alpha(),
             "blocks": r.blocks,
             "block": dict(r.block or {}),
             "ratios": self.ratios,
@@ -122,6 +133,7 @@ class MergePlan:
             "weights": r.weights,
             "seed": r.seed,
             "dtype": _dtype_flag(self.out_dtype),
+            "prune": r.prune or None,
             "precision": r.precision,
             "missing": r.missing,
             "nonfinite": r.nonfinite,
@@ -152,6 +164,18 @@ def _dtype_flag(dtype: str) -> str:
     return {v: k for k, v in DTYPE_FLAGS.items()}.get(dtype, dtype)
 
 
+def to_output_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in the output dtype. Into fp8 the cast saturates: values beyond the format's largest finite value
+    (e4m3: ±448, e5m2: ±57344) become that value, as a plain cast would make them NaN (e4m3fn has no inf)
+    or inf; everything else rounds to nearest, ties to even (torch's cast)."""
+    if t.dtype == dtype:
+        return t
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        limit = torch.finfo(dtype).max
+        t = (t.float() if t.dtype.itemsize == 1 else t).clamp(-limit, limit)
+    return t.to(dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # planning
 # --------------------------------------------------------------------------------------------------
@@ -180,9 +204,11 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True) -> MergePlan:
                                   "models of different architectures cannot be merged", path=inp.path)
         arch = archs[0]
         values = _block_values(recipe, arch.arch)
-        ratios = resolve_ratios(arch.arch, recipe.alpha, values, recipe.block)
+        ratios = resolve_ratios(arch.arch, recipe.effective_alpha(), values, recipe.block)
 
-        out_dtype = DTYPE_FLAGS[recipe.dtype] if recipe.dtype else _dominant_float_dtype(inputs[0])
+        out_dtype = DTYPE_FLAGS[recipe.dtype] if recipe.dtype else PER_KEY_DTYPE
+        if not recipe.dtype:
+            _dominant_float_dtype(inputs[0])  # a file without any float tensor is refused here
         compute_dtype = COMPUTE_DTYPES[recipe.precision]
         device = torch.device(recipe.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -235,29 +261,74 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
         holders = [i for i, inp in enumerate(merge_inputs) if key in inp.reader.tensors]
         first = merge_inputs[holders[0]]
         info = first.reader.tensors[key]
-        block = block_of(key, arch)
-        if block is None or not info.is_float:
-            tasks.append(KeyTask(key, info.shape, info.dtype, "copy", block, source=holders[0]))
+        role = key_role(key, arch)
+        if role == "unknown":
+            raise MergeLabError(f"is not part of the {ARCH_NAMES[arch]} layout we know; refusing to copy it "
+                                "unmerged (remove the key, or report the file's origin)", path=first.path, key=key)
+        if role == "leftover" and plan.recipe.prune:
             continue
+        out_dtype = plan.out_dtype if plan.out_dtype != PER_KEY_DTYPE and info.is_float else info.dtype
+        block = block_of(key, arch)
+        if role != "merge":
+            tasks.append(KeyTask(key, info.shape, out_dtype, "copy", block, source=holders[0]))
+            continue
+        if not info.is_float:
+            raise MergeLabError(f"dtype {info.dtype} of a weight is not floating point; refusing to copy it "
+                                "unmerged", path=first.path, key=key)
         if len(holders) != len(merge_inputs):
             missing = next(inp for i, inp in enumerate(merge_inputs) if i not in holders)
             if plan.recipe.missing != "take-first":
                 raise MergeLabError(f"is missing (present in {first.name}); use --missing take-first to copy it "
                                     "from the first model that has it", path=missing.path, key=key)
-            tasks.append(KeyTask(key, info.shape, plan.out_dtype, "copy", block, source=holders[0]))
+            tasks.append(KeyTask(key, info.shape, out_dtype, "copy", block, source=holders[0]))
             continue
+        channels = None
         for inp in merge_inputs:
             other = inp.reader.tensors[key]
             if other.shape != info.shape:
-                raise MergeLabError(f"shape {list(other.shape)} differs from {list(info.shape)} in {first.name}",
-                                    path=inp.path, key=key)
+                channels = _merged_channels(key, merge_inputs, plan)
             if not other.is_float:
                 raise MergeLabError(f"dtype {other.dtype} is not floating point, {first.name} has {info.dtype}",
                                     path=inp.path, key=key)
-        tasks.append(KeyTask(key, info.shape, plan.out_dtype, "merge", block, ratio=plan.ratios[block]))
+        if channels is None:
+            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=plan.ratios[block]))
+        else:
+            narrow = (info.shape[0], channels, *info.shape[2:])
+            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=plan.ratios[block],
+                                 channels=channels, full_shape=info.shape))
 
     _assign_chunks(plan, tasks)
     return tasks
+
+
+# Input channels of the first UNet convolution: 4 latent channels, + 4 of the masked image and 1 of the mask
+# (inpainting), + 4 of the original image's latent (instruct-pix2pix).
+_VARIANT_CHANNELS = {9: "an inpainting model (9 input channels)", 8: "an instruct-pix2pix model (8 input channels)"}
+FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+LATENT_CHANNELS = 4
+
+
+def _merged_channels(key: str, inputs: list[Input], plan: MergePlan) -> int:
+    """The inputs of `key` differ in shape: the number of leading input channels to merge when that is the
+    inpainting / instruct-pix2pix case (A that model, every other input a normal one), else a one-line error."""
+    first = inputs[0]
+    shape = first.reader.tensors[key].shape
+    shapes = [inp.reader.tensors[key].shape for inp in inputs]
+    differ = next(inp for inp, s in zip(inputs, shapes) if s != shape)
+    other = differ.reader.tensors[key].shape
+    if key != FIRST_CONV or len(shape) != 4 or any(len(s) != 4 or s[:1] + s[2:] != shape[:1] + shape[2:]
+                                                   for s in shapes):
+        raise MergeLabError(f"shape {list(other)} differs from {list(shape)} in {first.name}", path=differ.path,
+                            key=key)
+    wide = next((inp for inp, s in zip(inputs, shapes) if s[1] in _VARIANT_CHANNELS and s[1] != shape[1]), None)
+    if shape[1] == LATENT_CHANNELS and wide is not None:
+        what = _VARIANT_CHANNELS[wide.reader.tensors[key].shape[1]]
+        raise MergeLabError(f"is {what} and {first.name} is not: put it first, as model A (its extra input "
+                            "channels are kept from A, as in A1111's merger)", path=wide.path, key=key)
+    if shape[1] in _VARIANT_CHANNELS and all(s[1] == LATENT_CHANNELS for s in shapes[1:]):
+        return LATENT_CHANNELS
+    raise MergeLabError(f"shape {list(other)} differs from {list(shape)} in {first.name} (an inpainting or "
+                        "instruct-pix2pix model A merges only with normal models)", path=differ.path, key=key)
 
 
 # Work is cut in two levels. A *unit* (a key, or a range of its rows) is what a worker reads and writes
@@ -286,6 +357,8 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
         if task.action == "copy":
             task.chunks = _row_chunks(task.shape, min(UNIT_MAX_ELEMENTS, share // 8))
             continue
+        if task.channels is not None:
+            continue  # a first convolution: small, merged whole
         raw = (sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs) + ITEMSIZE[task.out_dtype]
                + _partial_itemsize(plan, task))
         if not elementwise or plan.method.keeps_whole(task.shape):
@@ -347,6 +420,7 @@ def fingerprint(plan: MergePlan) -> str:
         # the drop-mask scheme: the same seed draws other masks than the torch.Generator blocks before it
         "masks": "splitmix64-bytes" if plan.method.randomized else None,
         "dtype": plan.out_dtype,
+        "prune": r.prune,
         "precision": r.precision,
         "missing": r.missing,
         "nonfinite": r.nonfinite,
@@ -539,6 +613,8 @@ class Executor:
         raws = RawInputs()
         for inp in self.plan.inputs:
             t = inp.reader.read(task.key, rows)
+            if task.channels is not None and t.shape[1] != task.channels:
+                t = t[:, :task.channels].contiguous()  # an inpainting A's latent channels
             raws.append(t.pin_memory() if self.pin else t)
         if check:
             raws.check_finite()
@@ -679,12 +755,23 @@ class Executor:
         return total
 
     def _compute(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
+        merged = self._compute_unit(unit, key_statistics)
+        task = unit.task
+        if task.channels is None:
+            return merged
+        # A's other input channels, as they are but for the output dtype, around the merged latent ones
+        first = self.plan.inputs[0]
+        out = to_output_dtype(self._check_finite_copy(task, first.reader.read(task.key)), merged.dtype).clone()
+        out[:, :task.channels] = merged
+        return out
+
+    def _compute_unit(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
         plan = self.plan
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
         if task.action == "copy":
             t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows))
-            out = t if t.dtype == out_dtype else t.to(out_dtype)
+            out = to_output_dtype(t, out_dtype)
             if out is not t and not _all_finite(out):
                 raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "
                                     "--dtype fp32", path=plan.inputs[task.source].path, key=task.key)
@@ -708,7 +795,7 @@ class Executor:
                 models, base = self._convert(task, raws, None)
                 result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
                 self._check_shape(result, models[0], task)
-                return self._check_result(result.to(device="cpu", dtype=out_dtype), task)
+                return self._check_result(to_output_dtype(result.to(device="cpu"), out_dtype), task)
             partials = None
             if in_memory_stats:
                 # the method sees only slices: give it the whole tensor's statistics first. (A tensor
@@ -745,7 +832,7 @@ class Executor:
                     models, base = self._convert(task, raws, rows)
                     result = method.fn(models, base, task.ratio, ctx, **plan.params)
                     self._check_shape(result, models[0], task)
-                target.copy_(result)
+                target.copy_(to_output_dtype(result, out_dtype) if out_dtype.itemsize == 1 else result)
                 self._check_result(target, task)  # while the slice is still in the CPU cache
             return out
         except ValueError as e:
@@ -825,12 +912,16 @@ RECIPE_METADATA_KEYS = ("sd_merge_recipe", "sd_merge_models")
 
 def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
                   plan: MergePlan | None = None, recipe_metadata: bool = True, resume: bool = False,
-                  notify: Callable[[str], None] | None = None) -> MergeResult:
+                  notify: Callable[[str], None] | None = None, overwrite: bool = False) -> MergeResult:
     """Merge into `recipe.out`. `recipe_metadata=False` leaves out `sd_merge_recipe` / `sd_merge_models`.
+    An existing `recipe.out` is refused before anything is read, unless `overwrite`.
     `resume`: keep a partial output when the merge stops, and continue one of the same merge (see
     SafetensorsWriter); `notify` hears where it starts."""
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
+    if not overwrite and os.path.lexists(recipe.out):
+        check_output_path(recipe.out, [*recipe.expanded_models(), *([recipe.base] if recipe.base else [])])
+        raise CheckpointError(EXISTS_MESSAGE, path=recipe.out)
     start = time.perf_counter()
     own_plan = plan is None
     plan = plan or prepare(recipe)
@@ -840,7 +931,7 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
         metadata = build_metadata(plan, out.stem)
         if not recipe_metadata:
             metadata = {k: v for k, v in metadata.items() if k not in RECIPE_METADATA_KEYS}
-        writer = SafetensorsWriter(out, plan.output_entries(), metadata, resume=resume)
+        writer = SafetensorsWriter(out, plan.output_entries(), metadata, resume=resume, overwrite=overwrite)
         if notify is not None and writer.resume_note:
             notify(writer.resume_note)
         with writer:

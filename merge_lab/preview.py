@@ -210,6 +210,9 @@ def identify(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] 
              prediction: str = "auto", path: str | None = None) -> ModelKind:
     """Architecture, layout and variant of a checkpoint from its key shapes (and metadata), or a clear error."""
     arch = detect(_infos(shapes), dict(metadata or {}), path)
+    if arch.arch == "sdxl-refiner":
+        raise MergeLabError("SDXL refiner checkpoints cannot be previewed (a refiner only refines a base model's "
+                            "latents; there is no text-to-image pipeline for it here)", path=path)
     for variant in ("inpaint", "instruct-pix2pix"):
         if variant in arch.variants:
             raise MergeLabError(f"{variant} checkpoints cannot be previewed (text-to-image only)", path=path)

@@ -21,7 +21,7 @@ from .blocks import all_blocks, parse_values
 from .errors import RecipeError, show
 from .presets import names_preset, preset_values
 
-DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2")
 PRECISION_CHOICES = ("float32", "float64")
 MISSING_CHOICES = ("error", "take-first")
 NONFINITE_CHOICES = ("error", "take-first", "zero")
@@ -37,13 +37,14 @@ class Recipe:
     models: list[str] = field(default_factory=list)
     method: str = "weighted_sum"
     base: str | None = None
-    alpha: float = 0.5
+    alpha: float | None = None  # None: the method's own default (method.default_ratio)
     blocks: str | list[float] | None = None  # "v1,v2,…" (26 SD1/SD2, 20 SDXL) or a preset name
     block: dict[str, float] = field(default_factory=dict)  # named ratios: IN04, TIME, VAE, TE1, …
     params: dict[str, Any] = field(default_factory=dict)
     weights: list[float] | None = None  # per-model weights (N-model sums, task negation)
     seed: int = 0
-    dtype: str | None = None  # output float dtype; default: the first model's
+    dtype: str | None = None  # output dtype of every float key; default: each key keeps the first model's
+    prune: bool = False  # drop training leftovers (EMA copies, DDPM buffers, a VAE's training loss)
     precision: str = "float32"  # compute dtype
     device: str = "cpu"
     threads: int | None = None
@@ -108,6 +109,15 @@ class Recipe:
         text = json.dumps(data, indent=2) if path.suffix.lower() == ".json" else yaml.safe_dump(data, sort_keys=False)
         path.write_text(text, encoding="utf-8")
 
+    def effective_alpha(self) -> float:
+        """α as given, else the default that reproduces the method as published."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        try:
+            return float(methods().get_method(self.method).default_ratio)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
     def replace(self, **changes) -> Recipe:
         data = copy.deepcopy(asdict(self))
         data.update(changes)
@@ -154,7 +164,8 @@ class Recipe:
         for p in [*models, *([self.base] if self.base else [])]:
             if not os.path.isfile(p):
                 raise RecipeError("model file not found", path=p)
-        _check_ratio("alpha", self.alpha)
+        if self.alpha is not None:
+            _check_ratio("alpha", self.alpha)
         check_block_spec(self.blocks)
         known = known_block_names()
         for name, value in (self.block or {}).items():
@@ -232,7 +243,7 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "models": ("a list of file names", lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
     "method": ("a method name", lambda v: isinstance(v, str)),
     "base": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
-    "alpha": ("a number", lambda v: _finite_number(v)),
+    "alpha": ("a number", lambda v: v is None or _finite_number(v)),
     "blocks": ("a preset name or a list of ratios", lambda v: v is None or isinstance(v, str) or (
         isinstance(v, list) and all(_finite_number(x) or isinstance(x, str) for x in v))),
     "block": ("a mapping of block names to ratios", lambda v: v is None or (isinstance(v, Mapping) and all(
@@ -242,6 +253,7 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "weights": ("a list of numbers", lambda v: v is None or (isinstance(v, list) and all(map(_finite_number, v)))),
     "seed": ("a non-negative integer", lambda v: type(v) is int and 0 <= v < 1 << 64),
     "dtype": ("one of " + ", ".join(DTYPE_CHOICES), lambda v: v is None or v in DTYPE_CHOICES),
+    "prune": ("true or false", lambda v: isinstance(v, bool)),
     "precision": ("one of " + ", ".join(PRECISION_CHOICES), lambda v: v in PRECISION_CHOICES),
     "device": ("cpu or cuda[:N]", lambda v: isinstance(v, str)),
     "threads": ("an integer from 1 to 256", lambda v: v is None or (type(v) is int and 1 <= v <= 256)),

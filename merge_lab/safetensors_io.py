@@ -60,7 +60,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -475,6 +475,24 @@ class ResumeJournal:
             os.unlink(self.path)
 
 
+EXISTS_MESSAGE = "already exists; nothing was overwritten (use --overwrite to replace it)"
+
+
+def _move_no_clobber(source: Path, target: Path) -> None:
+    """Rename `source` to `target` unless `target` exists (FileExistsError): a hard link is created only if
+    the name is free, atomically; where the file system has no hard links, a checked rename."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.replace(source, target)
+        return
+    os.unlink(source)
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose header is known up front; tensors must arrive in header order.
 
@@ -484,11 +502,16 @@ class SafetensorsWriter:
     """
 
     def __init__(self, target: str | os.PathLike, entries: list[OutputEntry], metadata: dict[str, str], *,
-                 resume: bool = False):
+                 resume: bool = False, overwrite: bool = False):
         """`resume`: write to a fixed partial file beside the target (`.NAME.partial`) with a journal of the
         tensors safely on disk, keep both when the merge stops, and continue an earlier partial file of the
-        same merge (same header but for its date) instead of starting over. `entries_done` says where."""
+        same merge (same header but for its date) instead of starting over. `entries_done` says where.
+        `overwrite`: replace an existing target; without it an existing file is refused, here and again
+        at the final rename (a file that appeared meanwhile is not replaced either)."""
         self.target = Path(target)
+        self.overwrite = overwrite
+        if not overwrite and os.path.lexists(self.target):
+            raise CheckpointError(EXISTS_MESSAGE, path=self.target)
         self.entries = entries
         # Metadata values may come from file names (the title): undecodable bytes become U+FFFD here, as
         # a lone surrogate would make the header invalid JSON for safetensors.
@@ -652,7 +675,12 @@ class SafetensorsWriter:
             }:
                 raise CheckpointError("output header does not re-read as written", path=self.target)
             try:
-                os.replace(self.tmp_path, self.target)
+                if self.overwrite:
+                    os.replace(self.tmp_path, self.target)
+                else:
+                    _move_no_clobber(self.tmp_path, self.target)
+            except FileExistsError:
+                raise CheckpointError(EXISTS_MESSAGE, path=self.target) from None
             except OSError as e:
                 raise CheckpointError(f"cannot move the finished file into place: {e.strerror or e}",
                                       path=self.target) from None

@@ -406,7 +406,7 @@ def _title(recipe: Recipe, settings, axes: dict[str, Axis | None], z_value) -> s
     if "models" not in kinds:
         base += " of " + " + ".join(Path(m).stem for m in recipe.models)
     if "alpha" not in kinds and "blocks" not in kinds:
-        base += f", alpha {recipe.alpha:g}"
+        base += f", alpha {recipe.effective_alpha():g}"
     parts.append(base)
     if "seed" not in kinds:
         parts.append(f"seed {settings.seed}")

@@ -11,6 +11,7 @@ from .registry import KeyContext, Param, merge_method
 
 @merge_method(
     "weighted_sum",
+    default_ratio=0.5,
     summary="(1−α)·A + α·B; N models: A moved by α toward the weighted mean Σwᵢθᵢ/Σwᵢ",
     min_models=2,
 )
@@ -72,6 +73,7 @@ SLERP_COLINEAR_EPS = 1e-6
 
 @merge_method(
     "slerp",
+    default_ratio=0.5,
     summary="great-circle interpolation of the directions of A and B, norms interpolated linearly",
     min_models=2,
     max_models=2,

@@ -119,6 +119,10 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False  # uses seeded drop masks, so the seed is part of the result
+    # The global ratio α when the recipe gives none: the value that reproduces the method as published
+    # (1 for task-vector methods and Model Stock, whose own t then scales the mean task vector; 0.5, the
+    # midpoint, for the interpolations).
+    default_ratio: float = 1.0
     # False when the method takes no per-model weights (the recipe's `weights` are then refused).
     takes_weights: bool = True
     # True when the weights are barycentric (an average's weights): none negative, not all 0. Otherwise a

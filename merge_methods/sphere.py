@@ -88,6 +88,7 @@ def multislerp_coefficients(g: torch.Tensor, weights) -> torch.Tensor | None:
 
 @merge_method(
     "multislerp",
+    default_ratio=0.5,
     summary="Multi-SLERP: barycentric interpolation of N models on the hypersphere (task vectors with --base)",
     base="optional",
     min_models=2,
@@ -149,6 +150,7 @@ def karcher_coefficients(g: torch.Tensor, weights, max_iter: int, tol: float) ->
 
 @merge_method(
     "karcher",
+    default_ratio=0.5,
     summary="Karcher mean: the Riemannian barycenter of the models' directions, scaled by their mean norm",
     params=(
         Param("max_iter", int, 10, "most iterations of the Karcher mean", minimum=1, maximum=10000),
@@ -211,6 +213,7 @@ def _nuslerp_needs_statistics(params, shape) -> bool:
 
 @merge_method(
     "nuslerp",
+    default_ratio=0.5,
     summary="NuSLERP: SLERP of two models (or of their task vectors with --base) per tensor, row or column",
     params=(
         Param("granularity", str, "tensor", "one angle per tensor, per row (first dimension; a 1-D tensor is "

@@ -334,6 +334,7 @@ def ties_soup(models, base, ratio, ctx: KeyContext, k, scale, election):
 
 @merge_method(
     "expo",
+    default_ratio=0.5,  # ExPO has no one published α (it is searched per model): the midpoint, as before
     summary="ExPO: extrapolate a fine-tune away from its base, ft + α·(ft − base)",
     base="required",
     min_models=1,

@@ -69,8 +69,12 @@ def test_shape_mismatch(sd1_family, tmp_path):
     key = "model.diffusion_model.input_blocks.0.0.weight"
     state[key] = torch.zeros(8, 9, 3, 3, dtype=torch.float16)  # an inpainting UNet's first conv
     other = save_state_dict(state, tmp_path / "inpaint.safetensors")
-    msg = run_failing(Recipe(models=[str(a), str(other)], out=str(tmp_path / "o.safetensors")), "shape")
-    assert str(other) in msg and key in msg
+    msg = run_failing(Recipe(models=[str(a), str(other)], out=str(tmp_path / "o.safetensors")), "put it first")
+    assert str(other) in msg and key in msg and "inpainting model" in msg
+    state[key] = torch.zeros(8, 4, 5, 5, dtype=torch.float16)  # a shape no variant explains
+    odd = save_state_dict(state, tmp_path / "odd.safetensors")
+    msg = run_failing(Recipe(models=[str(a), str(odd)], out=str(tmp_path / "o.safetensors")), "differs from")
+    assert str(odd) in msg and key in msg and "[8, 4, 5, 5]" in msg
 
 
 def test_unknown_method_and_parameter(sd1_family, tmp_path):

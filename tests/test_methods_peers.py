@@ -42,9 +42,10 @@ class _NoProgress:
 
 
 def _chosen(key: str) -> bool:
-    """A sample of every kind of tensor: 4-D convolutions, 1×1 convolutions, linear, 1-D, embeddings."""
+    """A sample of every kind of tensor: 4-D convolutions, 1×1 convolutions, linear, 1-D, embeddings (and the
+    first and last input blocks, by which the architecture is recognised)."""
     return any(part in key for part in (
-        "input_blocks.1.", "middle_block.1.proj_in", "output_blocks.2.1.conv", "time_embed.",
+        "input_blocks.0.0.", "input_blocks.1.", "input_blocks.11.0.in_layers.0", "middle_block.1.proj_in", "output_blocks.2.1.conv", "time_embed.",
         "first_stage_model.encoder.down.0.block.0.", "encoder.layers.0.self_attn", "encoder.layers.0.layer_norm1",
         "token_embedding", "position_embedding"))
 

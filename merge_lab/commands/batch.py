@@ -27,6 +27,7 @@ def add_parser(sub):
     p = sub.add_parser("batch", help="run many recipe files (or folders of them) one after another")
     p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files or folders of .yaml/.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist (refused otherwise)")
     return p
 
 
@@ -42,7 +43,7 @@ def run(args) -> int:
             if not recipe.out:
                 raise RecipeError("recipe has no `out` field", path=path)
             with TqdmProgress(f"{path.name}", disable=args.no_progress) as progress:
-                result = merge_to_file(recipe, progress=progress)
+                result = merge_to_file(recipe, progress=progress, overwrite=args.overwrite)
             rows.append((path.name, result.out, result.autov2, f"{result.seconds:.2f}", "ok"))
         except MergeLabError as e:
             rows.append((path.name, "-", "-", f"{time.perf_counter() - start:.2f}", f"FAILED: {e}"))

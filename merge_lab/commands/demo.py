@@ -76,7 +76,7 @@ def run_demo(root: Path, *, archs=("sd1", "sdxl"), width: int = TINY_WIDTH, voca
         base, fts = make_family(arch, models_dir, width=width, vocab=vocab, prefix=f"demo-{arch}")
         for label, recipe in demo_recipes(arch, base, fts, out_dir):
             with TqdmProgress(Path(recipe.out).name, disable=not progress, leave=False) as bar:
-                result = merge_to_file(recipe, progress=bar)
+                result = merge_to_file(recipe, progress=bar, overwrite=True)  # the demo's own outputs
             rows.append((arch, label, result.out, result.autov2, f"{result.seconds:.2f}"))
         report = analyze([str(p) for p in fts], str(base))
         stem = analysis_dir / f"{arch}-theta"

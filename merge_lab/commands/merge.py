@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..engine import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
-from ..errors import MergeLabError, RecipeError
+from ..errors import CheckpointError, MergeLabError, RecipeError
 from ..hashing import autov2, remember_sha256
 from ..progress import TqdmProgress
-from ..recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
-from ..safetensors_io import SafetensorsWriter, resumable_path_for
+from ..recipe import (
+    DTYPE_CHOICES,
+    MISSING_CHOICES,
+    NONFINITE_CHOICES,
+    PRECISION_CHOICES,
+    Recipe,
+    check_output_path,
+)
+from ..safetensors_io import EXISTS_MESSAGE, SafetensorsWriter, resumable_path_for
 from .preview import add_render_arguments, save_previews, settings_from_args
 
 
@@ -28,7 +36,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
     p.add_argument("--models", nargs="+", metavar="MODEL", help="input checkpoints (globs and folders allowed)")
     p.add_argument("--base", help="base model for task-vector methods (or C of add_difference)")
     p.add_argument("--method", help="merge method (see `merge-lab methods`)")
-    p.add_argument("--alpha", type=float, help="global ratio α (default 0.5)")
+    p.add_argument("--alpha", type=float, help="global ratio α (default: the method's own, as published: "
+                                                     "1 for task-vector methods and Model Stock, 0.5 for "
+                                                     "weighted_sum and slerp; see `merge-lab methods`)")
     p.add_argument("--blocks", help="26 (SD1/SD2) or 20 (SDXL) comma-separated block ratios "
                                     "(BASE, IN.., M00, OUT..), or a preset name")
     p.add_argument("--block", action="append", type=_name_value, metavar="NAME=X",
@@ -38,7 +48,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
     p.add_argument("--weights", help="comma-separated per-model weights; in task-vector methods a negative "
                                      "weight subtracts that model's task vector (--weights 1,-1)")
     p.add_argument("--seed", type=int, help="seed of the drop masks (default 0)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the first model's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast every float key to this dtype (default: each key "
+                                                           "keeps the first model's dtype; fp8 saturates)")
+    p.add_argument("--prune", action="store_const", const=True, help="drop training leftovers: EMA copies "
+                   "(model_ema.*), DDPM schedule buffers, a VAE's training loss (kept by default, unmerged)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help="compute dtype (default float32)")
     p.add_argument("--device", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, help="worker threads (default: cores, at most 4)")
@@ -53,8 +66,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.load(args.recipe) if getattr(args, "recipe", None) else Recipe()
-    simple = ("models", "base", "method", "alpha", "blocks", "seed", "dtype", "precision", "device", "threads",
-              "memory_budget", "missing", "nonfinite", "out")
+    simple = ("models", "base", "method", "alpha", "blocks", "seed", "dtype", "prune", "precision", "device",
+              "threads", "memory_budget", "missing", "nonfinite", "out")
     for name in simple:
         value = getattr(args, name, None)
         if value is not None:
@@ -80,6 +93,8 @@ def add_parser(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_recipe_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists (refused "
+                                                             "otherwise, before anything is merged)")
     p.add_argument("--resume", action="store_true",
                    help="keep the partial output (.OUT.partial beside it) if the merge stops, and continue the "
                         "partial output of the same merge if there is one")
@@ -98,7 +113,7 @@ def run(args) -> int:
         raise RecipeError("no output file given (--out)")
     with TqdmProgress(recipe.out, disable=args.no_progress) as progress:
         try:
-            result = merge_to_file(recipe, progress=progress, resume=args.resume,
+            result = merge_to_file(recipe, progress=progress, resume=args.resume, overwrite=args.overwrite,
                                    notify=lambda note: print(note, file=sys.stderr))
         except (KeyboardInterrupt, MergeLabError) as e:
             partial = resumable_path_for(Path(recipe.out))
@@ -119,9 +134,9 @@ def _print_result(result) -> None:
     print(f"  AutoV2 {result.autov2}")
 
 
-def save_state_dict(plan: MergePlan, state: dict, out: str) -> str:
+def save_state_dict(plan: MergePlan, state: dict, out: str, *, overwrite: bool = False) -> str:
     """Write an in-memory merge with the same header and metadata as merge_to_file; returns its sha256."""
-    writer = SafetensorsWriter(out, plan.output_entries(), build_metadata(plan, Path(out).stem))
+    writer = SafetensorsWriter(out, plan.output_entries(), build_metadata(plan, Path(out).stem), overwrite=overwrite)
     with writer:
         for task in plan.tasks:
             writer.write(task.key, state[task.key])
@@ -132,10 +147,13 @@ def save_state_dict(plan: MergePlan, state: dict, out: str) -> str:
 
 def _merge_and_preview(recipe: Recipe, args) -> int:
     settings = settings_from_args(args)  # bad preview options fail before the merge
+    if recipe.out and not args.overwrite and os.path.lexists(recipe.out):
+        check_output_path(recipe.out, [*recipe.expanded_models(), *([recipe.base] if recipe.base else [])])
+        raise CheckpointError(EXISTS_MESSAGE, path=recipe.out)  # before the merge, not after it
     with prepare(recipe) as plan, TqdmProgress(recipe.out or "merge (in memory)", disable=args.no_progress) as bar:
         result = merge_to_state_dict(recipe, plan=plan, progress=bar)
         if recipe.out:
-            result.sha256 = save_state_dict(plan, result.state_dict, recipe.out)
+            result.sha256 = save_state_dict(plan, result.state_dict, recipe.out, overwrite=args.overwrite)
             result.autov2 = autov2(result.sha256)
             result.out = recipe.out
     if result.out:

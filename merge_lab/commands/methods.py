@@ -25,6 +25,7 @@ def run(args) -> int:
             "models": f"{m.min_models}+" if m.max_models is None else
                       (str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"),
             "randomized": m.randomized,
+            "default_alpha": m.default_ratio,
             "params": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "help": p.help,
                         **({"choices": list(p.choices)} if p.choices else {})} for p in m.params],
         })
@@ -36,6 +37,7 @@ def run(args) -> int:
         noun = "model" if r["models"] == "1" else "models"
         print(f"{r['name']}  ({r['models']} {noun}{base}{', seeded' if r['randomized'] else ''})")
         print(f"    {r['summary']}")
+        print(f"    --alpha {r['default_alpha']:g} by default")
         for p in r["params"]:
             choices = f" [{'|'.join(map(str, p['choices']))}]" if "choices" in p else ""
             print(f"    --param {p['name']}={p['default']}{choices}  {p['help']}")
