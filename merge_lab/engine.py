@@ -954,7 +954,7 @@ def merge_to_state_dict(recipe: Recipe, *, progress: ProgressFn | None = None,
     try:
         state: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
-        shapes = {t.key: t.shape for t in plan.tasks}
+        shapes = {t.key: t.out_shape for t in plan.tasks}
 
         def sink(key: str, tensor: torch.Tensor) -> None:
             if key not in state and tuple(tensor.shape) == shapes[key]:

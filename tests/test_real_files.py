@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from merge_lab.cli import main
 from merge_lab.demo_models import make_family, save_state_dict
-from merge_lab.engine import merge_to_file, to_output_dtype
+from merge_lab.engine import merge_to_file, merge_to_state_dict, to_output_dtype
 from merge_lab.errors import MergeLabError
 from merge_lab.recipe import Recipe
 
@@ -315,6 +315,8 @@ def test_make_an_inpainting_version(request, tmp_path, capsys, family, channels,
     merged, O = load_file(ws), load_file(other)
     assert torch.equal(merged[FIRST_CONV][:, :4], lerp(A[FIRST_CONV][:, :4], O[FIRST_CONV], 0.25).half())
     assert torch.equal(merged[FIRST_CONV][:, 4:], A[FIRST_CONV][:, 4:])
+    in_memory = merge_to_state_dict(Recipe(models=[str(inpaint), str(other)], alpha=0.25)).state_dict  # the host's way
+    assert all(torch.equal(in_memory[k], merged[k]) for k in merged)
     # the inpainting model in any other place is refused, saying to put it first
     for models in ([custom, inpaint, base], [custom, base, inpaint]):
         bad = tmp_path / "bad.safetensors"
