@@ -1,9 +1,13 @@
 """The HTTP route on the web UI: ``POST /merge-lab/v1/merge`` and ``POST /merge-lab/v1/analyze``.
 
 The body is the recipe object itself, as in a recipe file (``{"models": ["a.safetensors", "b.safetensors"],
-"method": "weighted_sum", "alpha": 0.5}``). Models are named as the web UI lists them (file name, title, hash)
-or by a path inside its model folders, nothing else; ``out`` is a plain file name saved into the model folder.
-Without ``out`` the merge is loaded in memory as the current model.
+"method": "weighted_sum", "alpha": 0.3}``, or ``{"models": ["a.safetensors", "b.safetensors"], "base":
+"base.safetensors", "method": "ties"}``). Without ``alpha`` the merge uses the method's own default, the value
+that reproduces it as published (1 for task-vector methods and Model Stock, 0.5 for weighted_sum and the
+spherical interpolations; ``GET /merge-lab/v1/methods`` lists it as ``default_alpha``), as a recipe file and the
+tab do; the answer says which ``alpha`` was used. Models are named as the web UI lists them (file name, title,
+hash) or by a path inside its model folders, nothing else; ``out`` is a plain file name saved into the model
+folder. Without ``out`` the merge is loaded in memory as the current model.
 
 The handlers are plain functions (dict in, dict out, ApiError for a 4xx answer) so they are tested without a
 server; :func:`mount` adds them to the host's FastAPI app. No pydantic models: A1111 runs pydantic 1, Forge 2.
@@ -75,6 +79,7 @@ def merge_request(body: Any, backend: Backend) -> dict[str, Any]:
                                "autov2": result.autov2},
                     "arch": result.arch,
                     "method": result.method,
+                    "alpha": recipe.effective_alpha(),
                     "seconds": round(time.perf_counter() - start, 3),
                 }
             load = getattr(backend, "load", None)
@@ -86,6 +91,7 @@ def merge_request(body: Any, backend: Backend) -> dict[str, Any]:
                 "recipe_hash": info.merge_lab_fingerprint,
                 "model": {"name": info.name_for_extra, "title": info.title, "hash": info.shorthash},
                 "method": recipe.method,
+                "alpha": recipe.effective_alpha(),
                 "seconds": round(time.perf_counter() - start, 3),
             }
     except Busy as e:
@@ -120,7 +126,7 @@ def methods_request() -> dict[str, Any]:
     for name in M.method_names():
         m = M.get_method(name)
         out.append({"name": m.name, "summary": m.summary, "base": m.base, "min_models": m.min_models,
-                    "max_models": m.max_models,
+                    "max_models": m.max_models, "default_alpha": m.default_ratio,
                     "params": [{"name": p.name, "type": p.kind.__name__, "default": p.default, "help": p.help,
                                 **({"choices": list(p.choices)} if p.choices else {})} for p in m.params]})
     return {"methods": out}

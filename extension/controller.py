@@ -30,6 +30,7 @@ from .form import (
     NO_BASE,
     SLIDER_BLOCKS,
     block_field,
+    default_alpha,
     form_from_record,
     param_widgets,
     preset_slider_values,
@@ -130,6 +131,10 @@ class TabController:
                      "never": "takes no base model"}[method.base]
         out["method_info"] = f"**{method.name}**: {method.summary}. Models: {inputs}; {base_note}."
         out["base"] = update(visible=method.base != "never")
+        # α follows the method: its published default (1 for task-vector methods, 0.5 for interpolations)
+        alpha = default_alpha(method.name)
+        out["alpha"] = alpha
+        out["status"] = f"α set to {values_text([alpha])} ({method.name} default)"
         return out
 
     def models_changed(self, models: list[str] | None, use_blocks: bool, *slider_values: float) -> dict[str, Any]:
@@ -211,7 +216,8 @@ class TabController:
                 raise RecipeError("exists; tick 'Overwrite' to replace it", path=recipe.out)
             with self.job("a merge") as cancel:
                 result = merge_to_file(recipe, progress=self._progress_adapter(progress, "merging"), cancel=cancel,
-                                       recipe_metadata=bool(form.get("recipe_metadata", True)))
+                                       recipe_metadata=bool(form.get("recipe_metadata", True)),
+                                       overwrite=bool(form.get("overwrite")))
             self.backend.after_save(result.out, recipe_sources(recipe))
         except MergeCancelled:
             return {"status": "merge cancelled; nothing was written"}

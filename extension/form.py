@@ -95,6 +95,12 @@ def base_mode(method_name: str) -> str:
     return methods().get_method(method_name).base
 
 
+def default_alpha(method_name: str) -> float:
+    """The global ratio α that reproduces the method as published (1 for task-vector methods and Model
+    Stock, 0.5 for the interpolations): what the slider starts at, and what a recipe without α uses."""
+    return float(methods().get_method(method_name).default_ratio)
+
+
 # --------------------------------------------------------------------------------------------------
 # block ratios
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +207,8 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
     if method.base != "never" and base_name and base_name != NO_BASE:
         base = resolve(base_name)
     arch = form.get("arch") if form.get("arch") in ARCHES else DEFAULT_ARCH
-    alpha = _number(form, "alpha", "the global ratio α")
+    # no α at all (a caller that builds the form itself): the method's default, as in a recipe file
+    alpha = None if form.get("alpha") is None else _number(form, "alpha", "the global ratio α")
     blocks = None
     if form.get("use_blocks"):
         values = []
@@ -296,8 +303,13 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
         values["base"] = found or NO_BASE
     else:
         values["base"] = NO_BASE
-    alpha = record.get("alpha", 0.5)
-    values["alpha"] = float(alpha)
+    # a record without α gets the method's default, as a recipe file without one does (not 0.5 for all)
+    alpha = record.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha)):
+        notes.append(f"alpha {alpha!r} is not a number: the method's default is used")
+        alpha = None
+    values["alpha"] = float(method.default_ratio if alpha is None else alpha)
     ratios = record.get("ratios") or {}
     arch = _arch_of_ratios(ratios)
     if arch:
@@ -359,4 +371,7 @@ def _from_webui_record(record: Mapping[str, Any], merged_models: Mapping[str, An
     if method == "weighted_sum":
         names = names[:2]
     notes.append("recipe from the web UI's own merger: method, models and ratio taken over")
-    return {"method": method, "models": names, "alpha": float(record.get("multiplier", 0.5))}
+    out: dict[str, Any] = {"method": method, "models": names}
+    if record.get("multiplier") is not None:  # what the web UI merged with; without it, the method's default
+        out["alpha"] = float(record["multiplier"])
+    return out

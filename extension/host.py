@@ -338,7 +338,7 @@ class HostBackend(Backend):
 
     def _merge_to_temp_file(self, recipe: Recipe, plan: MergePlan, progress, cancel) -> str:
         path = os.path.join(self.temp_folder(), virtual_stem(plan.method.name, plan.fingerprint) + ".safetensors")
-        merge_to_file(recipe.replace(out=path), plan=plan, progress=progress, cancel=cancel)
+        merge_to_file(recipe.replace(out=path), plan=plan, progress=progress, cancel=cancel, overwrite=True)
         self.stats["merges"] += 1
         self._temp_files[plan.fingerprint] = path
         for old in list(self._temp_files)[:-TEMP_FILES_KEPT]:
@@ -478,10 +478,16 @@ class HostBackend(Backend):
 
 
 def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The X/Y/Z cell's recipe. α None (a recipe from the HTTP route) stays None: each method's default. A
+    method axis without an α axis moves α with the method, as the tab's method dropdown does, unless the
+    base recipe's α was set away from its method's default (then it is kept for every method)."""
     recipe = base.replace()
     if "method" in overrides:
         method = methods().get_method(overrides["method"])
         declared = {p.name for p in method.params}
+        if "alpha" not in overrides and recipe.alpha is not None and \
+                recipe.alpha == _default_ratio(base.method):
+            recipe.alpha = None  # the old method's default: the new method gets its own
         recipe.method = method.name
         recipe.params = {k: v for k, v in recipe.params.items() if k in declared}
     if "alpha" in overrides:
@@ -491,6 +497,13 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
     if "block" in overrides:
         recipe.block = {**recipe.block, **overrides["block"]}
     return recipe
+
+
+def _default_ratio(method_name: str) -> float | None:
+    try:
+        return methods().get_method(method_name).default_ratio
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

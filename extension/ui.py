@@ -22,7 +22,16 @@ from . import compat
 from .backend import Backend
 from .compat import component, update
 from .controller import PREVIEW_FIELDS, RECIPE_FIELDS, SAVE_FIELDS, TabController
-from .form import AUTO, CHOICES, DEFAULT_ARCH, NO_BASE, SLIDER_BLOCKS, block_field, visible_blocks
+from .form import (
+    AUTO,
+    CHOICES,
+    DEFAULT_ARCH,
+    NO_BASE,
+    SLIDER_BLOCKS,
+    block_field,
+    default_alpha,
+    visible_blocks,
+)
 
 ELEM_PREFIX = "merge_lab_"
 # The web UI loads the extension's style.css; `merge-lab ui` passes the same rules to gradio.
@@ -142,7 +151,8 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
         with gr.Row():
             for w in controller.widgets:
                 add(w.field, _param_widget(w, default_method))
-        add("alpha", _ratio_slider("Global ratio α", 0.5, "alpha"))
+        # starts at the default method's published α; the method event moves it with the method
+        add("alpha", _ratio_slider("Global ratio α", default_alpha(default_method), "alpha"))
         add("arch", gr.State(DEFAULT_ARCH))
 
         # ---- block ratios ---------------------------------------------------------------------------------
@@ -299,7 +309,7 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
              ["models", "base", "recipe_source"], ["models", "base", "recipe_source", "status"])
     method_event = compat.user_edit_event(c["method"])
     tab.wire("method", c["method"], method_event, lambda v: controller.method_changed(v["method"]),
-             ["method"], [*param_outputs, "method_info", "base", "status"])
+             ["method"], [*param_outputs, "method_info", "base", "alpha", "status"])
     tab.wire("models", c["models"], "change",
              lambda *vals: controller.models_changed(vals[0], vals[1], *vals[2:]),
              ["models", "use_blocks", *slider_fields], ["arch", "arch_info", *slider_fields, "mbw_text"],

@@ -126,6 +126,16 @@ def test_pick_models_set_a_block_analyze_merge_preview(page, demo_models):
     page.keyboard.press("Escape")
     expect(page.locator("#merge_lab_arch_info").first).to_contain_text("Stable Diffusion 1.x")
 
+    # the global ratio α follows the method: its published default (ties 1, weighted_sum 0.5)
+    alpha = page.locator("#merge_lab_alpha input[type=number]")
+    assert float(alpha.input_value()) == 0.5
+    choose(page, "method", "ties")
+    wait_for_value(textbox(page, "status"), lambda v: v == "α set to 1 (ties default)")
+    assert float(wait_for_value(alpha, lambda v: float(v or 0) == 1)) == 1
+    choose(page, "method", "weighted_sum")
+    wait_for_value(textbox(page, "status"), lambda v: v == "α set to 0.5 (weighted_sum default)")
+    assert float(wait_for_value(alpha, lambda v: float(v or 0) == 0.5)) == 0.5
+
     # one block ratio: typed into IN04's number box, the MBW text follows
     page.locator("#merge_lab_blocks").get_by_text("Block ratios (MBW)").click()
     page.locator("#merge_lab_use_blocks input").check()

@@ -183,3 +183,43 @@ def test_api_merge_in_memory_and_to_a_file(webui):
     assert r.status_code == 409
 
 
+
+
+def test_api_merge_without_alpha_uses_the_methods_default(webui):
+    """A body without "alpha" merges the method as published (ties: α = 1), not at α = 0.5."""
+    import json
+
+    from safetensors import safe_open
+
+    client = client_for(webui)
+    m = webui.modules
+    d = webui.models_dir
+    body = {"models": ["sd1-ft1.safetensors", "sd1-ft2.safetensors"], "base": "sd1-base.safetensors",
+            "method": "ties"}
+    answers = {}
+    for name, extra in (("ties-default", {}), ("ties-one", {"alpha": 1}), ("ties-half", {"alpha": 0.5})):
+        r = client.post("/merge-lab/v1/merge", json={**body, **extra, "out": name})
+        assert r.status_code == 200, r.text
+        answers[name] = r.json()
+    assert answers["ties-default"]["alpha"] == 1.0 and answers["ties-half"]["alpha"] == 0.5
+    assert answers["ties-default"]["recipe_hash"] == answers["ties-one"]["recipe_hash"] != \
+        answers["ties-half"]["recipe_hash"]
+    records = {}
+    for name in answers:
+        with safe_open(d / f"{name}.safetensors", "pt") as f:
+            records[name] = json.loads(f.metadata()["sd_merge_recipe"])
+    assert records["ties-default"]["alpha"] == 1.0 and records["ties-default"]["method"] == "ties"
+    assert {k: v for k, v in records["ties-default"].items() if k != "version"} == \
+        {k: v for k, v in records["ties-one"].items() if k != "version"}
+    default, one = load_file(d / "ties-default.safetensors"), load_file(d / "ties-one.safetensors")
+    assert default.keys() == one.keys() and all(default[k].equal(one[k]) for k in default)
+    assert digest_of(default) != digest_of(load_file(d / "ties-half.safetensors"))
+
+    # loaded in memory: the same weights; the X/Y/Z axes then vary that recipe, α left to each method
+    r = client.post("/merge-lab/v1/merge", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["action"] == "loaded" and r.json()["alpha"] == 1.0
+    expected = recipe_of(webui, alpha=1.0, method="ties", base=str(d / "sd1-base.safetensors"))
+    assert m.shared.sd_model.digest == expected_digest(expected) == digest_of(default)
+    backend, _ = tab_of(webui)
+    assert backend.xyz_recipe.alpha is None and backend.xyz_recipe.effective_alpha() == 1.0

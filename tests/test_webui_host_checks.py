@@ -128,8 +128,48 @@ def test_api_refuses_bad_requests_with_one_line(a1111, body, message):
 
 
 def test_api_lists_methods(a1111):
-    names = [m["name"] for m in client_for(a1111).get("/merge-lab/v1/methods").json()["methods"]]
-    assert "weighted_sum" in names
+    listed = {m["name"]: m for m in client_for(a1111).get("/merge-lab/v1/methods").json()["methods"]}
+    assert "weighted_sum" in listed
+    # the α a body without "alpha" is merged with
+    assert listed["weighted_sum"]["default_alpha"] == 0.5 and listed["ties"]["default_alpha"] == 1.0
+
+
+def test_xyz_axes_with_a_recipe_without_alpha(a1111):
+    """A recipe from the HTTP route has no α (the method's default): the method axis gives each method its
+    own default, the α axis sets it."""
+    webui = a1111
+    backend, _ = tab_of(webui)
+    base = str(webui.models_dir / "sd1-base.safetensors")
+    backend.remember_xyz_recipe(recipe_of(webui, alpha=None, base=base, method="ties"))
+    p = webui.txt2img(prompt="a cat", seed=5, steps=2)
+    methods_ = ["multislerp", "ties"]
+    result = webui.xyz.run(p, webui.axis_index("[Merge Lab] method"), "", methods_, 0, "", [], 0, "", [])
+    assert len(result.cells) == 2 and backend.stats["merges"] == 2
+    for (ix, _, _), processed in result.cells.items():
+        expected = recipe_of(webui, alpha={"multislerp": 0.5, "ties": 1.0}[methods_[ix]], base=base,
+                             method=methods_[ix])
+        assert processed.images[0].info["weights_digest"] == expected_digest(expected)
+    result = run_xyz(webui, "[Merge Lab] alpha", "0.25, 1")
+    assert result.labels[0] == ["α=0.25", "α=1"]
+    for (ix, _, _), processed in result.cells.items():
+        expected = recipe_of(webui, alpha=[0.25, 1.0][ix], base=base, method="ties")
+        assert processed.images[0].info["weights_digest"] == expected_digest(expected)
+
+
+def test_xyz_method_axis_moves_alpha_with_the_method_unless_it_was_set():
+    from merge_lab.recipe import Recipe
+    from merge_lab_extension.host import apply_overrides
+
+    tab_default = Recipe(models=["a", "b"], base="c", method="multislerp", alpha=0.5)  # the slider's default
+    assert apply_overrides(tab_default, {"method": "ties"}).effective_alpha() == 1.0
+    assert apply_overrides(tab_default, {"method": "nuslerp"}).effective_alpha() == 0.5
+    assert apply_overrides(tab_default, {}).alpha == 0.5
+    chosen = tab_default.replace(alpha=0.3)  # set by the user: kept for every method
+    assert apply_overrides(chosen, {"method": "ties"}).alpha == 0.3
+    assert apply_overrides(tab_default, {"method": "ties", "alpha": 0.7}).alpha == 0.7
+    unset = tab_default.replace(alpha=None)
+    assert apply_overrides(unset, {"method": "ties"}).alpha is None
+    assert apply_overrides(unset, {"alpha": 0.2}).alpha == 0.2
 
 
 def test_api_analyze_answers_the_engines_numbers(a1111):

@@ -17,8 +17,8 @@ from merge_lab.engine import merge_to_state_dict
 from merge_lab.presets import preset_values
 from merge_lab.recipe import Recipe
 from merge_lab_extension.backend import FolderBackend
-from merge_lab_extension.compat import update_value
-from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS
+from merge_lab_extension.compat import is_update, update_value
+from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS, default_alpha, form_from_record
 from merge_lab_extension.ui import build_tab
 
 
@@ -138,6 +138,102 @@ def test_method_change_shows_only_its_parameters(tab):
     add_diff = tab.run("method", form(tab, method="add_difference"))
     assert add_diff["base"]["visible"] is True
     assert tab.run("method", form(tab, method="weighted_sum"))["base"]["visible"] is False
+
+
+def applied(values, out):
+    """The form after an event: its outputs' values (plain, or an update's `value`) replace the fields'."""
+    values = dict(values)
+    for name, result in out.items():
+        if not is_update(result) or "value" in result:
+            values[name] = update_value(result)
+    return values
+
+
+def test_alpha_slider_starts_at_and_follows_the_methods_published_default(tab):
+    """α used to start at 0.5 whatever the method: ties then gave base + ½·τ* instead of ties."""
+    assert default_alpha("ties") == 1.0 and default_alpha("weighted_sum") == 0.5
+    assert tab.components["method"].value == "weighted_sum"
+    assert tab.components["alpha"].value == 0.5
+    assert "alpha" in tab.events["method"].outputs
+    for method in tab.controller.method_names():
+        out = tab.run("method", form(tab, method=method, alpha=0.37))
+        assert out["alpha"] == methods().get_method(method).default_ratio, method
+    ties = tab.run("method", form(tab, method="ties", alpha=0.3))
+    assert ties["alpha"] == 1.0 and ties["status"] == "α set to 1 (ties default)"
+    back = tab.run("method", form(tab, method="weighted_sum", alpha=1.0))
+    assert back["alpha"] == 0.5 and back["status"] == "α set to 0.5 (weighted_sum default)"
+    assert tab.run("method", form(tab, method="nope"))["status"].startswith("unknown method")
+
+
+def test_alpha_slider_starts_at_the_default_methods_alpha(models_dir):
+    from merge_lab_extension.controller import TabController
+
+    class TiesFirst(TabController):  # a method list without weighted_sum: the tab opens on its first, ties
+        def method_names(self):
+            return ["ties", *[m for m in super().method_names() if m not in ("ties", "weighted_sum")]]
+
+    backend = FolderBackend([models_dir])
+    tab = build_tab(backend, controller=TiesFirst(backend))
+    assert tab.components["method"].value == "ties"
+    assert tab.components["alpha"].value == 1.0
+
+
+def test_ties_merged_from_the_tab_is_ties_as_published(tab, models_dir):
+    names = ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
+    values = form(tab, models=names, base="sd1-base.safetensors", out_name="ties-tab", dtype="fp32", method="ties")
+    values = applied(values, tab.run("method", values))  # what choosing ties in the dropdown does
+    assert values["method"] == "ties" and values["alpha"] == 1.0
+    out = tab.run("merge", values)
+    assert out["status"].startswith("saved ties-tab.safetensors"), out["status"]
+    assert json.loads(out["recipe_json"])["alpha"] == 1.0
+    # the recipe without α (the method's default) is the same merge, in the file's tensors and its record
+    expected = merge_to_state_dict(Recipe(models=[str(models_dir / n) for n in names], method="ties",
+                                          base=str(models_dir / "sd1-base.safetensors"), dtype="fp32"))
+    with safe_open(models_dir / "ties-tab.safetensors", "pt") as f:
+        for key in ("model.diffusion_model.input_blocks.4.1.proj_in.weight", "first_stage_model.decoder.conv_in.bias"):
+            assert f.get_tensor(key).equal(expected.state_dict[key])
+        recipe = json.loads(f.metadata()["sd_merge_recipe"])
+    assert recipe["alpha"] == 1.0 and recipe["method"] == "ties"
+    assert recipe["recipe_hash"] == expected.fingerprint
+
+
+def test_a_form_without_alpha_takes_the_methods_default(tab, models_dir):
+    values = form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], base="sd1-base.safetensors",
+                  method="ties")
+    del values["alpha"]
+    recipe = tab.controller.recipe(values)
+    assert recipe.alpha is None and recipe.effective_alpha() == 1.0
+    assert "must be a number" in tab.run("check", {**values, "alpha": "x"})["status"]
+
+
+def _with_record(folder, name, record):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "sd1-ft1.safetensors")
+    save_file(tensors, folder / name, metadata={"format": "pt", "sd_merge_recipe": json.dumps(record)})
+    return name
+
+
+def test_loaded_recipe_keeps_its_alpha_and_one_without_gets_the_methods_default(tab, models_dir):
+    models = ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
+    cases = [
+        ({"type": "merge-lab", "method": "ties", "models": models, "base": "sd1-base.safetensors"}, "ties", 1.0),
+        ({"type": "merge-lab", "method": "ties", "models": models, "base": "sd1-base.safetensors", "alpha": 0.4},
+         "ties", 0.4),
+        ({"method": "weighted_sum", "models": models}, "weighted_sum", 0.5),
+        ({"method": "slerp", "models": models, "alpha": 0.8}, "slerp", 0.8),
+        # the web UI's own merger: what it stored; without a multiplier, the method's default
+        ({"type": "webui", "interp_method": "Add difference", "multiplier": 0.3}, "add_difference", 0.3),
+        ({"type": "webui", "interp_method": "Weighted sum", "multiplier": 0.75}, "weighted_sum", 0.75),
+        ({"type": "webui", "interp_method": "Add difference"}, "add_difference", 1.0),
+    ]
+    for i, (record, method, alpha) in enumerate(cases):
+        name = _with_record(models_dir, f"record-{i}.safetensors", record)
+        out = tab.run("load_recipe", form(tab, recipe_source=name))
+        assert out["status"].startswith(f"recipe loaded from {name}"), (record, out["status"])
+        assert update_value(out["method"]) == method and out["alpha"] == alpha, record
+    values, notes = form_from_record({"method": "ties", "alpha": "high"}, lambda n: n)
+    assert values["alpha"] == 1.0 and any("alpha 'high' is not a number" in n for n in notes)
 
 
 def test_load_recipe_from_a_merged_files_metadata(tab, models_dir):
