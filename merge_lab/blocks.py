@@ -70,11 +70,14 @@ _DDPM_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                  "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar")
 _LEFTOVER_PREFIXES = ("model_ema.", VAE_PREFIX + "loss.")
+_SCALED_FP8_SUFFIXES = (".scale_weight", ".scale_input")
 
 
 def key_role(key: str, arch: str) -> str:
     """"merge" (a key of a block), "kept" (never merged, always kept), "leftover" (never merged, dropped by
     --prune) or "unknown" (not part of `arch` as we know it)."""
+    if key == "scaled_fp8" or key.endswith(_SCALED_FP8_SUFFIXES):
+        return "unknown"  # ComfyUI's scaled fp8: a weight is only right with its scale, which we do not apply
     if key.startswith(_LEFTOVER_PREFIXES) or key in _DDPM_BUFFERS:
         return "leftover"
     if key in KEPT_KEYS:

@@ -184,6 +184,8 @@ def test_a_key_outside_the_layout_is_refused_not_copied(sd1_family, tmp_path, ca
                               ("unet-module", "model.diffusion_model.extra_embed.weight", "layout"),
                               ("stray", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "Flux.1"),
                               ("top", "embedding_manager.embedder.weight", "layout"),
+                              ("scaled-fp8", "model.diffusion_model.input_blocks.1.0.in_layers.2.scale_weight",
+                               "layout"),
                               ("sdxl-te-in-sd1", "conditioner.embedders.1.model.ln_final.weight", "text encoder")):
         def add(state, key=key):
             state[key] = torch.ones(3, 3, dtype=torch.float16)
