@@ -53,8 +53,10 @@ tokenizer: $(STAMP)
 demo: setup
 	$(BIN)/merge-lab demo
 
+# ruff, and the import layers of pyproject.toml's [tool.importlinter] (docs/engine.md)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # Test files run in parallel, one worker a CPU (at most 4; a module's tests share a worker and its fixtures):
 # 9 minutes instead of 17 on a 2-core machine.

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import RecipeError
-from merge_lab.recipe import Recipe
 
 
 @dataclass
@@ -61,7 +61,7 @@ def analyze(recipe: Recipe, *, progress: Callable[[int, int, str], None] | None 
 
 
 def _heatmap_image(report):
-    heatmap = _module("merge_lab.heatmap")
+    heatmap = _module("merge_lab.plot.heatmap")
     from PIL import Image
 
     with tempfile.TemporaryDirectory(prefix="merge-lab-heatmap-") as folder:

@@ -19,10 +19,10 @@ import os
 import time
 from typing import Any
 
-from merge_lab._own import methods
-from merge_lab.engine import merge_to_file
+import merge_lab_methods as methods
+from merge_lab.engine.executor import merge_to_file
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeCancelled, MergeLabError
-from merge_lab.recipe import Recipe
 
 from . import analysis_view
 from .backend import Backend, Busy, HostLoadError
@@ -121,7 +121,7 @@ def models_request(backend: Backend) -> dict[str, Any]:
 
 
 def methods_request() -> dict[str, Any]:
-    M = methods()
+    M = methods
     out = []
     for name in M.method_names():
         m = M.get_method(name)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError, RecipeError
-from merge_lab.recipe import Recipe
 
 from .model_catalog import output_file, place_config_beside, resolve_in_folders, scan_folders
 

@@ -14,12 +14,13 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from merge_lab._own import methods
-from merge_lab.arch import ARCH_NAMES, detect
-from merge_lab.checkpoint import read_header_any
-from merge_lab.engine import merge_to_file
+import merge_lab_methods as methods
+from merge_lab.archs.detect import ARCH_NAMES, detect
+from merge_lab.archs.layouts import current_key_name
+from merge_lab.engine.executor import merge_to_file
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeCancelled, MergeLabError, RecipeError
-from merge_lab.recipe import Recipe
+from merge_lab.io.checkpoints import read_header_any
 
 from . import analysis_view
 from .backend import Backend, PreviewSettings
@@ -67,7 +68,7 @@ class TabController:
         return [*RECIPE_FIELDS, *self.param_fields]
 
     def method_names(self) -> list[str]:
-        return methods().method_names()
+        return methods.method_names()
 
     def recipe(self, form: Mapping[str, Any]) -> Recipe:
         return recipe_from_form(form, self.backend.resolve_model, self.widgets)
@@ -114,7 +115,7 @@ class TabController:
         }
 
     def method_changed(self, method_name: str) -> dict[str, Any]:
-        M = methods()
+        M = methods
         try:
             method = M.get_method(method_name)
         except ValueError as e:
@@ -143,7 +144,7 @@ class TabController:
         if models:
             try:
                 path = self.backend.resolve_model(models[0])
-                header = read_header_any(path)
+                header = read_header_any(path, current_key_name)
                 detected = detect(header.tensors, header.metadata, path)
                 arch = detected.arch
                 label = f"architecture: {ARCH_NAMES[arch]}" + (
@@ -303,7 +304,7 @@ class TabController:
             return {"status": "choose a merged model to read its recipe from"}
         try:
             path = self.backend.resolve_model(source)
-            header = read_header_any(path)
+            header = read_header_any(path, current_key_name)
             raw = header.metadata.get("sd_merge_recipe")
             if not raw:
                 raise RecipeError("has no sd_merge_recipe metadata (not a merge, or saved without it)", path=source)
@@ -315,7 +316,7 @@ class TabController:
             values, notes = form_from_record(record, self._find_listed, merged_models)
         except MergeLabError as e:
             return {"status": f"error: {_one_line(e)}"}
-        method = methods().get_method(values["method"])
+        method = methods.get_method(values["method"])
         out: dict[str, Any] = dict(values)
         for w in self.widgets:  # parameter values from the record win over the method's defaults
             applies = method.name in w.defaults

@@ -1,6 +1,6 @@
 """The tab's form as data: which fields it has, and how its values become a Recipe (and back).
 
-Every entry point builds the same :class:`merge_lab.recipe.Recipe`; the tab's form is one more way to fill
+Every entry point builds the same :class:`merge_lab.engine.recipe.Recipe`; the tab's form is one more way to fill
 it. Method parameters are not hard-coded: the widgets are derived from the methods' declared ``Param``s,
 one widget per distinct (name, kind, choices), shown only for the methods that declare it.
 """
@@ -14,10 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from merge_lab._own import methods
-from merge_lab.blocks import all_blocks, extra_blocks, main_blocks, parse_values
+import merge_lab_methods as methods
+from merge_lab.archs.blocks import all_blocks, extra_blocks, main_blocks, parse_values
+from merge_lab.engine.recipe import (
+    DTYPE_CHOICES,
+    MISSING_CHOICES,
+    NONFINITE_CHOICES,
+    PRECISION_CHOICES,
+    Recipe,
+)
 from merge_lab.errors import RecipeError
-from merge_lab.recipe import DTYPE_CHOICES, MISSING_CHOICES, NONFINITE_CHOICES, PRECISION_CHOICES, Recipe
 
 ARCHES = ("sd1", "sd2", "sdxl")
 SLIDER_BLOCKS = main_blocks("sd1")  # the 26 main blocks; SDXL shows the 20 of them it has
@@ -66,7 +72,7 @@ class ParamWidget:
 
 def param_widgets() -> list[ParamWidget]:
     """The union of every registered method's parameters, one entry per (name, kind, choices)."""
-    M = methods()
+    M = methods
     found: dict[tuple, dict[str, Any]] = {}
     helps: dict[tuple, dict[str, str]] = {}
     info: dict[tuple, Any] = {}
@@ -92,13 +98,13 @@ def param_widgets() -> list[ParamWidget]:
 
 def base_mode(method_name: str) -> str:
     """'never' | 'optional' | 'required': whether the method takes a base model."""
-    return methods().get_method(method_name).base
+    return methods.get_method(method_name).base
 
 
 def default_alpha(method_name: str) -> float:
     """The global ratio α that reproduces the method as published (1 for task-vector methods and Model
     Stock, 0.5 for the interpolations): what the slider starts at, and what a recipe without α uses."""
-    return float(methods().get_method(method_name).default_ratio)
+    return float(methods.get_method(method_name).default_ratio)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def _short(v: float) -> str:
 
 def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[str, float]:
     """{block: ratio} for the arch's main blocks from a 26/20 (or 25/19 without BASE) value string."""
-    from merge_lab.blocks import resolve_ratios
+    from merge_lab.archs.blocks import resolve_ratios
 
     arch = arch if arch in ARCHES else DEFAULT_ARCH
     values = parse_values(text)
@@ -133,7 +139,7 @@ def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[s
 
 
 def preset_slider_values(name: str, arch: str | None) -> dict[str, float]:
-    from merge_lab.presets import preset_values
+    from merge_lab.archs.presets import preset_values
 
     arch = arch if arch in ARCHES else DEFAULT_ARCH
     values = preset_values(name, arch)
@@ -190,7 +196,7 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
                      widgets: list[ParamWidget] | None = None) -> Recipe:
     """The Recipe the form describes; model names are turned into paths by `resolve` (which refuses
     anything outside the model folders). Raises a one-line RecipeError on bad input."""
-    M = methods()
+    M = methods
     method_name = form.get("method") or "weighted_sum"
     try:
         method = M.get_method(method_name)
@@ -282,7 +288,7 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
         record = _from_webui_record(record, merged_models or {}, notes)
     elif kind not in (None, "merge-lab"):
         raise RecipeError(f"the recipe was written by {kind!r}, not by Merge Lab or the web UI's merger")
-    M = methods()
+    M = methods
     try:
         method = M.get_method(record.get("method", "weighted_sum"))
     except ValueError as e:

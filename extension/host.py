@@ -41,12 +41,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from merge_lab._own import methods
-from merge_lab.blocks import all_blocks, main_blocks
-from merge_lab.engine import MergePlan, merge_to_file, merge_to_state_dict, prepare
+import merge_lab_methods as methods
+from merge_lab.archs.blocks import all_blocks, main_blocks
+from merge_lab.archs.presets import presets
+from merge_lab.engine.executor import MergePlan, merge_to_file, merge_to_state_dict, prepare
+from merge_lab.engine.recipe import RATIO_RANGE, Recipe
 from merge_lab.errors import MergeLabError, RecipeError
-from merge_lab.presets import presets
-from merge_lab.recipe import RATIO_RANGE, Recipe
 
 from .backend import Backend, HostLoadError, PreviewResult, PreviewSettings, ProgressFn
 from .model_catalog import output_file, place_config_beside, recipe_sources, resolve_in_folders
@@ -131,7 +131,7 @@ def is_virtual(info) -> bool:
 
 def virtual_stem(method: str, fingerprint: str) -> str:
     """How an unsaved merge is named: the same as in `merge-lab preview`'s infotexts
-    (merge_lab.preview.merged_model_name), so an image names its recipe the same way wherever it was made."""
+    (merge_lab.preview.render.merged_model_name), so an image names its recipe the same way wherever it was made."""
     return f"merged-{method}-{fingerprint[:10]}"
 
 
@@ -483,7 +483,7 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
     base recipe's α was set away from its method's default (then it is kept for every method)."""
     recipe = base.replace()
     if "method" in overrides:
-        method = methods().get_method(overrides["method"])
+        method = methods.get_method(overrides["method"])
         declared = {p.name for p in method.params}
         if "alpha" not in overrides and recipe.alpha is not None and \
                 recipe.alpha == _default_ratio(base.method):
@@ -501,7 +501,7 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
 
 def _default_ratio(method_name: str) -> float | None:
     try:
-        return methods().get_method(method_name).default_ratio
+        return methods.get_method(method_name).default_ratio
     except ValueError:
         return None
 
@@ -556,7 +556,7 @@ def xyz_axes(backend: HostBackend, AxisOption) -> list[Any]:
             confirm=confirm_with("block", (lambda b: lambda x: {b: ratio_check(b, x)})(block)), cost=1.0))
     axes.append(AxisOption(AXIS_PREFIX + "method", str, lambda p, x, xs: _with_override(p, "method", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("method"), cost=1.0,
-                           choices=lambda: methods().method_names()))
+                           choices=lambda: methods.method_names()))
     axes.append(AxisOption(AXIS_PREFIX + "preset", str, lambda p, x, xs: _with_override(p, "preset", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("preset"), cost=1.0,
                            choices=lambda: list(presets())))

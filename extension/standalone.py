@@ -1,4 +1,4 @@
-"""`merge-lab ui`: the same tab served on its own, with previews rendered by diffusers (merge_lab.preview)."""
+"""`merge-lab ui`: the same tab served on its own, with previews rendered by diffusers (merge_lab.preview.render)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from merge_lab.engine import merge_to_state_dict
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.recipe import Recipe
 
 from .backend import FolderBackend, PreviewResult, PreviewSettings, PreviewUnavailable, ProgressFn
 
@@ -20,15 +20,15 @@ ALL_INTERFACES = "0.0.0.0"
 
 
 def _preview_module():
-    """merge_lab.preview (the `preview` extra: diffusers, transformers), or a one-line reason it is missing."""
+    """merge_lab.preview.render (the `preview` extra: diffusers, transformers), or a one-line reason it is missing."""
     try:
-        module = importlib.import_module("merge_lab.preview")
+        module = importlib.import_module("merge_lab.preview.render")
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("merge_lab"):
-            return None, "this build of Merge Lab has no preview module (merge_lab.preview)"
+            return None, "this build of Merge Lab has no preview module (merge_lab.preview.render)"
         return None, f"previews need the preview extra (pip install 'merge-lab[preview]'): {e.name} is missing"
     if not callable(getattr(module, "render_merge", None)):
-        return None, "this build's merge_lab.preview has no render_merge()"
+        return None, "this build's merge_lab.preview.render has no render_merge()"
     return module, None
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import gradio as gr
 
-from merge_lab.presets import presets
-from merge_lab.recipe import RATIO_RANGE
+from merge_lab.archs.presets import presets
+from merge_lab.engine.recipe import RATIO_RANGE
 
 from . import compat
 from .backend import Backend
@@ -125,9 +125,9 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
     method_names = controller.method_names()
     default_method = "weighted_sum" if "weighted_sum" in method_names else method_names[0]
     defaults = backend.preview_defaults()
-    from merge_lab._own import methods as _methods
+    import merge_lab_methods
 
-    default_base_mode = _methods().get_method(default_method).base
+    default_base_mode = merge_lab_methods.get_method(default_method).base
 
     blocks = component(gr.Blocks, analytics_enabled=False, title="Merge Lab", css=CSS)
     tab = Tab(blocks, controller)

@@ -1,136 +1,24 @@
-"""The cosine θ per block (SPEC §4), streamed: one pass over the inputs accumulates, for every block, the
-Gram matrix Gᵢⱼ = Σ_keys ⟨τᵢ, τⱼ⟩ (float64) of the task vectors τᵢ = θᵢ − θ_base (the raw weights when no
-base is given). θᵢⱼ = arccos(Gᵢⱼ / √(Gᵢᵢ·Gⱼⱼ)).
-
-The same pass feeds `merge-lab analyze` and Model Stock's `block` granularity (the engine runs it first
-and hands each key its block's Gram matrix), so the numbers a user reads are the numbers the merge uses.
-Memory stays bounded: keys are read on a thread pool in a bounded window, big keys in chunks of rows.
+"""The cosine θ per block between models, from the block statistics pass (merge_lab.engine.block_stats):
+θᵢⱼ = arccos(Gᵢⱼ / √(Gᵢᵢ·Gⱼⱼ)) for the task vectors τᵢ = θᵢ − θ_base (the raw weights when no base is given),
+the mean angle (Model Stock's c) and, with a base, Model Stock's t per block.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._own import methods
-from .blocks import extra_blocks, main_blocks
-from .engine import (
-    UNIT_MAX_ELEMENTS,
-    Executor,
-    KeyTask,
-    MergePlan,
-    ProgressFn,
-    _one_torch_thread,
-    _row_chunks,
-    prepare,
-)
-from .errors import MergeCancelled, RecipeError
-from .recipe import Recipe
-from .safetensors_io import ITEMSIZE
+import merge_lab_methods as methods
+from merge_lab.archs.blocks import extra_blocks, main_blocks
+from merge_lab.engine.block_stats import BlockGrams, block_grams
+from merge_lab.engine.executor import MergePlan, ProgressFn, prepare
+from merge_lab.engine.recipe import Recipe
+from merge_lab.errors import RecipeError
 
-
-@dataclass
-class AnalysisUnit:
-    task: KeyTask
-    rows: tuple[int, int] | None
-    nbytes: int
-
-
-def analysis_units(plan: MergePlan) -> list[AnalysisUnit]:
-    """Every merged key of the plan, in units of rows sized like the merge's (memory budget, unit cap)."""
-    share = max(1, plan.budget // (2 * plan.threads))
-    units = []
-    for task in plan.tasks:
-        if task.action != "merge":
-            continue
-        raw = sum(ITEMSIZE[inp.reader.tensors[task.key].dtype] for inp in plan.inputs)
-        row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel
-        for rows in _row_chunks(task.shape, max(1, min(UNIT_MAX_ELEMENTS, share // raw))):
-            count = task.numel if rows is None else (rows[1] - rows[0]) * row
-            units.append(AnalysisUnit(task, rows, count * raw))
-    return units
-
-
-@dataclass
-class BlockGrams:
-    grams: dict[str, torch.Tensor]  # block -> N×N float64 Gram matrix of the task vectors
-    keys: dict[str, int]
-    elements: dict[str, int]
-
-
-def block_grams(plan: MergePlan, units: list[AnalysisUnit] | None = None, *, progress: ProgressFn | None = None,
-                cancel: threading.Event | None = None, total: int | None = None) -> BlockGrams:
-    """Stream the plan's inputs once and sum each block's Gram matrix (in a fixed order: the result does
-    not depend on which thread finishes first)."""
-    gram = methods().model_stock.gram  # exact: small angles between raw weights need float64 products
-    units = analysis_units(plan) if units is None else units
-    total = total if total is not None else sum(u.nbytes for u in units)
-    loader = Executor(plan)
-    n = len(plan.models)
-    grams: dict[str, torch.Tensor] = {}
-    keys: dict[str, int] = {}
-    elements: dict[str, int] = {}
-
-    def work(unit: AnalysisUnit) -> torch.Tensor:
-        if cancel is not None and cancel.is_set():
-            raise MergeCancelled("cancelled")
-        total = torch.zeros(n, n, dtype=torch.float64)
-        for models, base, _ in loader.converted_slices(unit.task, unit.rows):
-            # a fresh difference: the converted slices may be views of the raw buffers
-            vectors = models if base is None else [m - base for m in models]
-            total += gram(vectors)
-        return total
-
-    done = 0
-    window: deque[tuple[AnalysisUnit, Any]] = deque()
-    pool = ThreadPoolExecutor(plan.threads, thread_name_prefix="merge-lab-analysis", initializer=_one_torch_thread)
-
-    def drain() -> None:
-        nonlocal done
-        unit, future = window.popleft()
-        part = future.result()
-        block = unit.task.block
-        if block not in grams:
-            grams[block] = torch.zeros(n, n, dtype=torch.float64)
-            keys[block] = elements[block] = 0
-        grams[block] += part
-        if unit.rows is None or unit.rows[0] == 0:
-            keys[block] += 1
-        elements[block] += part_elements(unit)
-        done += unit.nbytes
-        if progress is not None:
-            progress(done, total, unit.task.key)
-
-    try:
-        for unit in units:
-            if cancel is not None and cancel.is_set():
-                raise MergeCancelled("cancelled; no output written")
-            window.append((unit, pool.submit(work, unit)))
-            while len(window) >= 2 * plan.threads:
-                drain()
-        while window:
-            drain()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return BlockGrams(grams, keys, elements)
-
-
-def part_elements(unit: AnalysisUnit) -> int:
-    task = unit.task
-    if unit.rows is None:
-        return task.numel
-    return (unit.rows[1] - unit.rows[0]) * (task.numel // task.shape[0])
-
-
-# --------------------------------------------------------------------------------------------------
-# the report
-# --------------------------------------------------------------------------------------------------
 
 def display_order(arch: str) -> list[str]:
     """Blocks in the order of the model: text encoders, time embedding, IN.., M00, OUT.., final out, VAE."""
@@ -191,7 +79,7 @@ class AnalysisReport:
 
 
 def angles_from_gram(block: str, gram: torch.Tensor, keys: int, elements: int, with_base: bool) -> BlockAngles:
-    M = methods().model_stock
+    M = methods.model_stock
     cos = M.pairwise_cosines(gram)
     cosines = [None if math.isnan(c) else float(c) for c in cos.tolist()]
     angles = [None if c is None else math.degrees(math.acos(c)) for c in cosines]
@@ -236,34 +124,3 @@ def analyze(models: list[str], base: str | None = None, *, threads: int | None =
         report = report_from_grams(plan, block_grams(plan, progress=progress, cancel=cancel))
     report.seconds = time.perf_counter() - start
     return report
-
-
-def format_angle(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.2f}"
-
-
-def format_report(report: AnalysisReport) -> str:
-    """The table a user reads: blocks as rows, θ in degrees for every pair, the mean (and t with a base)."""
-    from .commands.batch import format_table
-
-    lines = []
-    what = f"task vectors (model − {report.base})" if report.base else "raw weights (no base given)"
-    lines.append(f"θ per block in degrees, {report.arch}, between {what}:")
-    for i, name in enumerate(report.models):
-        lines.append(f"  {i + 1} = {name}")
-    header = ["block", "keys", *(f"θ {p}" for p in report.pair_labels), "mean"]
-    if report.base:
-        header.append("stock t")
-    rows = []
-    for b in report.blocks:
-        row = [b.block, str(b.keys), *(format_angle(a) for a in b.angles), format_angle(b.mean_angle)]
-        if report.base:
-            row.append("-" if b.model_stock_t is None else f"{b.model_stock_t:.3f}")
-        rows.append(row)
-    lines.append("")
-    lines.append(format_table(header, rows))
-    lines.append("")
-    lines.append("mean: arccos of the mean cosine over the defined pairs (Model Stock's c); undefined: a zero "
-                 "norm (the vectors are 0 in that block)" + ("; stock t: Model Stock's factor for the block"
-                                                             if report.base else ""))
-    return "\n".join(lines)

@@ -23,9 +23,9 @@ def _load():
         origin = os.path.dirname(os.path.dirname(os.path.abspath(merge_lab.__file__)))
         if os.path.normcase(os.path.realpath(origin)) != os.path.normcase(os.path.realpath(_ROOT)):
             raise ImportError(f"another package named merge_lab is loaded from {origin}")
-        from merge_lab._own import own_package
+        import merge_lab_extension  # found by merge_lab's own finder (merge_lab/_own.py)
 
-        return own_package("merge_lab_extension", "extension")
+        return merge_lab_extension
     finally:
         if added:
             sys.path.remove(_ROOT)

@@ -12,9 +12,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from merge_lab.demo_models import make_family
-from merge_lab.hashing import cache_dir
-from merge_lab.layouts import TINY_WIDTH
+from merge_lab.archs.layouts import TINY_WIDTH
+from merge_lab.demo.models import make_family
+from merge_lab.io.hashing import cache_dir
 
 # The CLIP tokenizer is built once at set-up (`make setup` -> `merge-lab setup-tokenizer`) into the user's
 # cache; the per-test cache folder below must not hide it.

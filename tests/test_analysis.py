@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from merge_lab.analysis import analyze, format_report
+from merge_lab.analysis import analyze
 from merge_lab.cli import main
-from merge_lab.demo_models import save_state_dict
-from merge_lab.heatmap import colour, render_heatmap
+from merge_lab.cli.tables import format_report
+from merge_lab.demo.models import save_state_dict
+from merge_lab.plot.heatmap import colour, render_heatmap
 
 from .helpers import expected_block, mergeable
 

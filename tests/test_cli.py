@@ -38,7 +38,7 @@ def test_info_text_and_merge_metadata(sd1_family, tmp_path, capsys):
 
 
 def test_variant_detection(sd1_family, tmp_path, capsys):
-    from merge_lab.demo_models import save_state_dict
+    from merge_lab.demo.models import save_state_dict
 
     _, (a, _, _) = sd1_family
     state = load_file(a)

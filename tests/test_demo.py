@@ -5,8 +5,8 @@ import json
 from PIL import Image
 from safetensors import safe_open
 
-from merge_lab._own import methods
-from merge_lab.commands.demo import run_demo
+import merge_lab_methods as methods
+from merge_lab.cli.commands.demo import run_demo
 
 
 def test_demo_merges_with_every_method_and_writes_the_theta_report(tmp_path):
@@ -16,7 +16,7 @@ def test_demo_merges_with_every_method_and_writes_the_theta_report(tmp_path):
     for path in merged:
         with safe_open(path, "pt") as f:
             used.add(json.loads(f.metadata()["sd_merge_recipe"])["method"])
-    assert used == set(methods().method_names())  # every registered method
+    assert used == set(methods.method_names())  # every registered method
     assert len(rows) == len(merged) + 1
     text = (tmp_path / "analysis" / "sd1-theta.txt").read_text()
     assert "θ 1·2" in text and "| M00 " in text and "| ALL " in text

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_lab.demo_models import save_state_dict
-from merge_lab.engine import merge_to_file
+from merge_lab.demo.models import save_state_dict
+from merge_lab.engine.executor import merge_to_file
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.recipe import Recipe
 
 
 def run_failing(recipe: Recipe, match: str) -> str:
@@ -108,7 +108,7 @@ def test_missing_model_file_and_bad_values(sd1_family, tmp_path):
 
 def test_failure_mid_merge_leaves_nothing(sd1_family, tmp_path, monkeypatch):
     """An exception half-way through (here: a read error) removes the temporary file."""
-    from merge_lab import safetensors_io
+    from merge_lab.io import safetensors as safetensors_io
 
     _, (a, b, _) = sd1_family
     calls = {"n": 0}

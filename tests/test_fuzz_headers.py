@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_lab.engine import merge_to_file
+from merge_lab.engine.executor import merge_to_file
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import CheckpointError, MergeLabError
-from merge_lab.recipe import Recipe
-from merge_lab.safetensors_io import MAX_HEADER_BYTES, SafetensorsReader, read_header
+from merge_lab.io.safetensors import MAX_HEADER_BYTES, SafetensorsReader, read_header
 
 from .fuzz_safetensors import (
     MUTATIONS,

@@ -2,9 +2,9 @@
 
 import pytest
 
-from merge_lab.blocks import all_blocks, block_of, main_blocks, resolve_ratios
+from merge_lab.archs.blocks import all_blocks, block_of, main_blocks, resolve_ratios
+from merge_lab.archs.layouts import layout_for
 from merge_lab.errors import RecipeError
-from merge_lab.layouts import layout_for
 
 from .helpers import expected_block
 
@@ -84,7 +84,7 @@ def test_ratio_resolution_errors():
 
 
 def test_presets_by_name():
-    from merge_lab.presets import preset_values, presets
+    from merge_lab.archs.presets import preset_values, presets
 
     assert len(presets()) == 38
     grad_v = preset_values("GRAD_V", "sd1")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge_lab.demo_models import save_state_dict
-from merge_lab.engine import merge_to_state_dict, prepare
-from merge_lab.layouts import layout_for
-from merge_lab.recipe import Recipe, parse_size
-from merge_lab.safetensors_io import ITEMSIZE
+from merge_lab.archs.layouts import layout_for
+from merge_lab.demo.models import save_state_dict
+from merge_lab.engine.executor import merge_to_state_dict, prepare
+from merge_lab.engine.recipe import Recipe, parse_size
+from merge_lab.io.safetensors import ITEMSIZE
 
 N_MODELS = 40
 
@@ -39,7 +39,7 @@ def read_one(path, key):
 
 
 def small_units(monkeypatch):
-    from merge_lab import engine
+    from merge_lab.engine import executor as engine
 
     monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", 8192)  # the bigger tiny tensors split into several units
     monkeypatch.setattr(engine, "SLICE_ELEMENTS", 2048)
@@ -98,8 +98,8 @@ def test_forty_model_ties_stays_small(many_sdxl, tmp_path):
     base, models = many_sdxl
     code = (
         "import json, sys\n"
-        "from merge_lab.engine import merge_to_file\n"
-        "from merge_lab.recipe import Recipe\n"
+        "from merge_lab.engine.executor import merge_to_file\n"
+        "from merge_lab.engine.recipe import Recipe\n"
         "a = json.loads(sys.argv[1])\n"
         "merge_to_file(Recipe(models=a['models'], base=a['base'], method='ties', out=a['out']))\n"
         # VmHWM, not ru_maxrss: Linux carries the forking (pytest) process's high-water mark into ru_maxrss

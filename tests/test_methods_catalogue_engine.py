@@ -8,14 +8,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merge_lab._own import methods
+import merge_lab_methods as methods
 from merge_lab.cli import main
-from merge_lab.engine import merge_to_state_dict
-from merge_lab.recipe import Recipe
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 
 from .helpers import mergeable
 
-M = methods()
+M = methods
 
 # (method, params, models used, with --base, weights)
 CASES = [

@@ -9,14 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merge_lab._own import methods
-from merge_lab.engine import merge_to_file, merge_to_state_dict, prepare
+import merge_lab_methods as methods
+from merge_lab.engine.executor import merge_to_file, merge_to_state_dict, prepare
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError, RecipeError
-from merge_lab.recipe import Recipe
 
 from .helpers import expected_block, mergeable
 
-M = methods()
+M = methods
 
 # (method, params, models used: 1 or 3) — every task-vector method and its main options
 CASES = [
@@ -172,7 +172,7 @@ def test_model_stock_merges_from_the_kept_sum_with_the_same_bits(family, request
     once); the result is the same bits as converting them again, fp16 (our copies) and fp32 inputs alike."""
     import dataclasses
 
-    from merge_lab import engine
+    from merge_lab.engine import executor as engine
 
     monkeypatch.setenv("MERGE_LAB_KERNELS", "0")  # the torch form (the compiled one keeps no partial)
     registry = M.registry

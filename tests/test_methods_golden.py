@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from merge_lab._own import methods
+import merge_lab_methods as methods
 
 from .helpers import reference_mask
 
-M = methods()
+M = methods
 ctx_for = M.KeyContext
 
 

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge_lab._own import methods
+import merge_lab_methods as methods
 
-M = methods()
+M = methods
 SETTINGS = settings(max_examples=60, deadline=None)
 
 

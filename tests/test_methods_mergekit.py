@@ -9,9 +9,9 @@ mergekit_registry = pytest.importorskip("mergekit.merge_methods.registry")
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 from mergekit.merge_methods.karcher import karcher_merge_tensors  # noqa: E402
 
-from merge_lab._own import methods  # noqa: E402
+import merge_lab_methods as methods  # noqa: E402
 
-M = methods()
+M = methods
 
 
 def ours(name, models, base, ratio=1.0, weights=None, seed=0, key="k", **params):

@@ -12,10 +12,10 @@ import pytest
 import sd_mecha
 import torch
 
-from merge_lab.demo_models import base_state_dict, finetune_state_dict, save_state_dict
-from merge_lab.engine import merge_to_state_dict
-from merge_lab.layouts import layout_for
-from merge_lab.recipe import Recipe
+from merge_lab.archs.layouts import layout_for
+from merge_lab.demo.models import base_state_dict, finetune_state_dict, save_state_dict
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 
 
 class _NoProgress:

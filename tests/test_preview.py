@@ -9,19 +9,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_lab import preview as P
-from merge_lab.engine import merge_to_state_dict
+from merge_lab.archs.layouts import layout_for
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.layouts import layout_for
-from merge_lab.pipeline_configs import (
+from merge_lab.preview import render as P
+from merge_lab.preview.diffusers_configs import (
     VARIANTS,
     load_shipped,
     pipeline_configs,
     real_configs,
     write_config_folder,
 )
-from merge_lab.recipe import Recipe
-from merge_lab.tokenizer import (
+from merge_lab.preview.tokenizer import (
     TokenizerMissing,
     clip_tokenizer,
     load_vocabulary,

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_lab.cli import main
-from merge_lab.demo_models import make_family, save_state_dict
-from merge_lab.engine import merge_to_file, merge_to_state_dict, to_output_dtype
+from merge_lab.demo.models import make_family, save_state_dict
+from merge_lab.engine.executor import merge_to_file, merge_to_state_dict, to_output_dtype
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.recipe import Recipe
 
 from .conftest import TEST_VOCAB, TEST_WIDTH
 

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_lab.cli import main
-from merge_lab.engine import merge_to_file, merge_to_state_dict
+from merge_lab.engine.executor import merge_to_file, merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import CheckpointError, MergeLabError
-from merge_lab.recipe import Recipe
-from merge_lab.safetensors_io import PARTIAL_SUFFIX, SafetensorsWriter
+from merge_lab.io.safetensors import PARTIAL_SUFFIX, SafetensorsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_output_is_synced_while_merging_and_a_failed_sync_stops_the_merge(sd1_fa
                                                                            capsys):
     """The output goes to disk during the merge (the final fsync used to wait seconds with the CPU idle);
     a sync that fails (EIO) is the merge's one-line error, with no output left."""
-    import merge_lab.safetensors_io as sio
+    import merge_lab.io.safetensors as sio
 
     _, (a, b, _) = sd1_family
     monkeypatch.setattr(sio, "SYNC_BYTES", 64 << 10)  # the test models are ~1.9 MB: many syncs
@@ -235,7 +235,7 @@ SLOW_MERGE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from merge_lab import cli
-    from merge_lab.safetensors_io import SafetensorsWriter
+    from merge_lab.io.safetensors import SafetensorsWriter
 
     started, real = Path(sys.argv[1]), SafetensorsWriter.write
 
@@ -356,7 +356,7 @@ def test_nonfinite_take_first_and_zero(with_nan, tmp_path, policy):
 def test_nonfinite_in_model_stock_statistics(sd1_family, with_nan, tmp_path, monkeypatch, policy):
     """Model Stock finds NaN/inf through its Gram matrix instead of checking the inputs first: the same
     error, or the same merge as of the input with the policy applied, for a key of several slices."""
-    from merge_lab import engine
+    from merge_lab.engine import executor as engine
 
     monkeypatch.setattr(engine, "SLICE_ELEMENTS", 32)  # KEY (8 rows of 8): 2 slices
     monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)

@@ -9,11 +9,13 @@ import threading
 import pytest
 from safetensors import safe_open
 
-from merge_lab import cli, engine, safetensors_io
-from merge_lab.engine import merge_to_file
+from merge_lab import cli
+from merge_lab.engine import executor as engine
+from merge_lab.engine.executor import merge_to_file
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeCancelled
-from merge_lab.recipe import Recipe
-from merge_lab.safetensors_io import resumable_path_for
+from merge_lab.io import safetensors as safetensors_io
+from merge_lab.io.safetensors import resumable_path_for
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_models(tmp_path_factory):
-    from merge_lab.demo_models import make_family
+    from merge_lab.demo.models import make_family
 
     folder = tmp_path_factory.mktemp("ui-models")
     make_family("sd1", folder, finetunes=2, prefix="demo-sd1")  # the demo's tiny size: previews can render it

@@ -4,6 +4,8 @@ test_gradio_versions.py."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -12,14 +14,16 @@ import gradio as gr
 import pytest
 from safetensors import safe_open
 
-from merge_lab._own import methods
-from merge_lab.engine import merge_to_state_dict
-from merge_lab.presets import preset_values
-from merge_lab.recipe import Recipe
+import merge_lab_methods as methods
+from merge_lab.archs.presets import preset_values
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 from merge_lab_extension.backend import FolderBackend
 from merge_lab_extension.compat import is_update, update_value
 from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS, default_alpha, form_from_record
 from merge_lab_extension.ui import build_tab
+
+from .test_gradio_versions import VENVS as GRADIO_VENVS
 
 
 @pytest.fixture
@@ -45,9 +49,17 @@ def form(tab, **changes):
 
 
 def test_runs_on_the_expected_gradio():
-    """test_gradio_versions.py runs this file in each host's venv and says which gradio must be there."""
+    """test_gradio_versions.py runs this file in each host's venv and says which gradio must be there; without
+    it, this is the main venv: the newest gradio (newer than every host's pin) and the preview extra."""
+    installed = importlib.metadata.version("gradio")
+    assert gr.__version__ == installed  # the gradio imported is the one installed in this venv
     expected = os.environ.get("MERGE_LAB_EXPECT_GRADIO")
-    assert expected in (None, gr.__version__)
+    if expected is not None:
+        assert installed == expected
+    else:
+        host_majors = {int(version.split(".")[0]) for version, _ in GRADIO_VENVS.values()}
+        assert int(installed.split(".")[0]) > max(host_majors), installed
+        assert importlib.util.find_spec("diffusers") is not None  # the host venvs have no preview extra
 
 
 def test_builds_a_blocks_with_the_folder_models(tab):
@@ -134,7 +146,7 @@ def test_method_change_shows_only_its_parameters(tab):
         assert method in out["method_info"]
         for w in controller.widgets:
             if w.name in declared and out[w.field]["visible"]:
-                assert out[w.field]["label"] == f"{w.name} — {methods().get_method(method).param(w.name).help}"
+                assert out[w.field]["label"] == f"{w.name} — {methods.get_method(method).param(w.name).help}"
     add_diff = tab.run("method", form(tab, method="add_difference"))
     assert add_diff["base"]["visible"] is True
     assert tab.run("method", form(tab, method="weighted_sum"))["base"]["visible"] is False
@@ -157,7 +169,7 @@ def test_alpha_slider_starts_at_and_follows_the_methods_published_default(tab):
     assert "alpha" in tab.events["method"].outputs
     for method in tab.controller.method_names():
         out = tab.run("method", form(tab, method=method, alpha=0.37))
-        assert out["alpha"] == methods().get_method(method).default_ratio, method
+        assert out["alpha"] == methods.get_method(method).default_ratio, method
     ties = tab.run("method", form(tab, method="ties", alpha=0.3))
     assert ties["alpha"] == 1.0 and ties["status"] == "α set to 1 (ties default)"
     back = tab.run("method", form(tab, method="weighted_sum", alpha=1.0))
@@ -297,7 +309,8 @@ def test_refresh_picks_up_new_files(tab, models_dir):
 
 
 def test_analyze_shows_the_engines_theta_per_block(tab, models_dir):
-    from merge_lab.analysis import analyze, format_angle
+    from merge_lab.analysis import analyze
+    from merge_lab.cli.tables import format_angle
 
     names = ["sd1-ft1.safetensors", "sd1-ft2.safetensors"]
     out = tab.run("analyze", form(tab, models=names), progress=lambda f, desc=None: None)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from merge_lab import preview as P
-from merge_lab.engine import merge_to_state_dict
+from merge_lab.engine.executor import merge_to_state_dict
+from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.grid import draw_grid
-from merge_lab.recipe import Recipe
-from merge_lab.xyz import parse_axis, run_xyz
+from merge_lab.plot.grid import draw_grid
+from merge_lab.plot.xyz import parse_axis, run_xyz
+from merge_lab.preview import render as P
 
 SMALL = dict(steps=2, width=64, height=64, dtype="fp32", device="cpu", prompt="a red house")
 FLAT_25 = "0," + ",".join(["0.25"] * 25)  # the FLAT_25 preset written out

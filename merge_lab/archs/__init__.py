@@ -1,0 +1,1 @@
+"""Architectures: detection from a header, key layouts, the block map and block-weight presets."""

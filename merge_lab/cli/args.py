@@ -1,0 +1,124 @@
+"""The command-line options shared by several commands: a recipe from flags (merge, preview, xyz) and the
+image options (preview, merge --preview, xyz)."""
+
+from __future__ import annotations
+
+import argparse
+
+from merge_lab.engine.recipe import (
+    DTYPE_CHOICES,
+    MISSING_CHOICES,
+    NONFINITE_CHOICES,
+    PRECISION_CHOICES,
+    Recipe,
+)
+from merge_lab.errors import RecipeError
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True) -> None:
+    """The recipe flags; every default is None so that only the flags given override a recipe file."""
+    p.add_argument("--recipe", help="recipe file (YAML or JSON, same fields); flags override it")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="input checkpoints (globs and folders allowed)")
+    p.add_argument("--base", help="base model for task-vector methods (or C of add_difference)")
+    p.add_argument("--method", help="merge method (see `merge-lab methods`)")
+    p.add_argument("--alpha", type=float, help="global ratio α (default: the method's own, as published: "
+                                                     "1 for task-vector methods and Model Stock, 0.5 for "
+                                                     "weighted_sum and slerp; see `merge-lab methods`)")
+    p.add_argument("--blocks", help="26 (SD1/SD2) or 20 (SDXL) comma-separated block ratios "
+                                    "(BASE, IN.., M00, OUT..), or a preset name")
+    p.add_argument("--block", action="append", type=_name_value, metavar="NAME=X",
+                   help="one block's ratio (IN04, M00, OUT11, TIME, OUT, VAE, TE1, TE2, BASE); repeatable")
+    p.add_argument("--param", action="append", type=_name_value, metavar="NAME=VALUE",
+                   help="method hyper-parameter; repeatable")
+    p.add_argument("--weights", help="comma-separated per-model weights; in task-vector methods a negative "
+                                     "weight subtracts that model's task vector (--weights 1,-1)")
+    p.add_argument("--seed", type=int, help="seed of the drop masks (default 0)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast every float key to this dtype (default: each key "
+                                                           "keeps the first model's dtype; fp8 saturates)")
+    p.add_argument("--prune", action="store_const", const=True, help="drop training leftovers: EMA copies "
+                   "(model_ema.*), DDPM schedule buffers, a VAE's training loss (kept by default, unmerged)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help="compute dtype (default float32)")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, help="worker threads (default: cores, at most 4)")
+    p.add_argument("--memory-budget", dest="memory_budget", help="memory for tensors in flight, e.g. 2GB")
+    p.add_argument("--missing", choices=MISSING_CHOICES, help="a key missing in some model: error (default) "
+                                                               "or copy it from the first model that has it")
+    p.add_argument("--nonfinite", choices=NONFINITE_CHOICES, help="NaN/inf in an input: error (default), "
+                                                                   "replace by the first model's value, or by 0")
+    if include_out:
+        p.add_argument("--out", help="output .safetensors file")
+
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = Recipe.load(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    simple = ("models", "base", "method", "alpha", "blocks", "seed", "dtype", "prune", "precision", "device",
+              "threads", "memory_budget", "missing", "nonfinite", "out")
+    for name in simple:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(recipe, name, value)
+    if getattr(args, "block", None):
+        recipe.block = {**recipe.block, **{k: _float(k, v) for k, v in args.block}}
+    if getattr(args, "param", None):
+        recipe.params = {**recipe.params, **dict(args.param)}
+    if getattr(args, "weights", None):
+        recipe.weights = [_float("weights", w) for w in args.weights.split(",") if w.strip()]
+    return recipe
+
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise RecipeError(f"{name}: {value!r} is not a number") from None
+
+
+
+def add_render_arguments(p: argparse.ArgumentParser, *, seed_axis_note: bool = False) -> None:
+    """The image options shared by `preview`, `merge --preview` and `xyz` (defaults: PreviewSettings')."""
+    from merge_lab.preview.render import DTYPE_CHOICES, PREDICTION_CHOICES, SAMPLERS, PreviewSettings
+
+    d = PreviewSettings()
+    g = p.add_argument_group("preview images")
+    g.add_argument("--prompt", default=d.prompt, help="prompt")
+    g.add_argument("--negative-prompt", dest="negative_prompt", default=d.negative_prompt, help="negative prompt")
+    g.add_argument("--image-seed", dest="image_seed", type=int, default=d.seed,
+                   help="image seed (-1: random)" + ("; every cell uses it unless seed is an axis"
+                                                     if seed_axis_note else ""))
+    g.add_argument("--steps", type=int, default=d.steps, help="sampling steps")
+    g.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    g.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    g.add_argument("--sampler", default=d.sampler, help=f"sampler: {', '.join(SAMPLERS)} (or the web UI's names)")
+    g.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=d.cfg_scale, help="CFG scale")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size,
+                   help="images per render (seeds seed, seed+1, …)")
+    g.add_argument("--preview-dtype", dest="preview_dtype", choices=DTYPE_CHOICES, default=d.dtype,
+                   help="render dtype; auto: fp16 on CUDA, on CPU fp32 unless the fp32 weights exceed 8 GiB "
+                        "(SDXL), then bf16")
+    g.add_argument("--preview-device", dest="preview_device", default=d.device,
+                   help="auto (CUDA when available), cpu or cuda[:N]")
+    g.add_argument("--prediction", choices=PREDICTION_CHOICES, default=d.prediction,
+                   help="what the UNet predicts; auto: the checkpoint's metadata, else the release's (SD2: "
+                        "512-base epsilon or 768-v v_prediction by the web UI's test)")
+    g.add_argument("--preview-dir", dest="preview_dir", help="where images go (default: previews/)")
+
+
+
+def settings_from_args(args):
+    from merge_lab.preview.render import PreviewSettings
+
+    settings = PreviewSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.image_seed,
+                               steps=args.steps, width=args.width, height=args.height, sampler=args.sampler,
+                               cfg_scale=args.cfg_scale, batch_size=args.batch_size, dtype=args.preview_dtype,
+                               device=args.preview_device, prediction=args.prediction)
+    return settings.resolved()

@@ -1,0 +1,1 @@
+"""Pictures of merges: the X/Y/Z plot, image grids and the θ heatmap."""

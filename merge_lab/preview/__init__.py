@@ -1,0 +1,1 @@
+"""Preview images of a merge with diffusers, offline: pipeline configs, weight conversion, rendering, infotext."""
