@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny checkpoints with the real key sets, built once per test session."""
+"""Shared fixtures: tiny checkpoints with the real key sets, built once per test session; `run_cli` (the CLI
+in-process, with its exit code and output) and `call` (one merge method on tensors). Plain functions that
+need no fixture (the reference block map, the drop-mask draws, pixels) live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -82,3 +84,35 @@ def render_sd2_family(tmp_path_factory):
 def render_sdxl_family(tmp_path_factory):
     """(base, [ft1]) renderable tiny SDXL fp16 checkpoints."""
     return _render_family(tmp_path_factory, "sdxl", 1)
+
+
+# ---- running things ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(*argv) -> (exit code, stdout, stderr) of `merge-lab argv…` run in-process; arguments may be
+    paths or numbers (passed as str)."""
+    from merge_lab.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def call():
+    """call(name, models, base, ratio=1.0, ctx=None, *, seed=0, weights=None, **params): merge method `name`
+    on tensors. Without ctx, the key context is key "key" with the models' shape, `seed` and `weights`.
+    Session-scoped (it holds no state), so hypothesis tests may take it."""
+    import merge_lab_methods as methods
+
+    def call_method(name, models, base, ratio=1.0, ctx=None, *, seed=0, weights=None, **params):
+        if ctx is None:
+            ctx = methods.KeyContext(key="key", seed=seed, shape=tuple(models[0].shape), weights=weights)
+        return methods.get_method(name)(models, base, ratio, ctx, **params)
+
+    return call_method

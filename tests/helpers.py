@@ -1,10 +1,12 @@
-"""Test helpers: an independent statement of the block map, and small utilities."""
+"""Test helpers (plain functions; the fixtures are in conftest.py): an independent statement of the block map,
+the documented drop-mask draws, and small utilities."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 
+import numpy as np
 import torch
 
 
@@ -64,3 +66,10 @@ def reference_draws(seed, key, index, numel, positions=None):
 
 def reference_mask(seed, key, index, numel, p, positions=None):
     return reference_draws(seed, key, index, numel, positions) >= p
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+
+def pixels(image) -> np.ndarray:
+    """A PIL image's RGB pixels as signed integers (differences do not wrap)."""
+    return np.asarray(image.convert("RGB"), dtype=np.int16)

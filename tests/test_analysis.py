@@ -1,15 +1,16 @@
 """The cosine θ per block: numbers against a direct computation, undefined angles, the CLI, the heatmap."""
 
+import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from merge_lab.analysis import analyze
-from merge_lab.cli import main
 from merge_lab.cli.tables import format_report
 from merge_lab.demo.models import save_state_dict
 from merge_lab.plot.heatmap import colour, render_heatmap
@@ -100,19 +101,13 @@ def test_undefined_angles_are_reported_as_such(partly_untrained):
     assert json.loads(json.dumps(data)) == data
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_analyze_command_table_json_and_heatmap(partly_untrained, tmp_path, capsys):
+def test_analyze_command_table_json_and_heatmap(partly_untrained, tmp_path, run_cli):
     base, fts = partly_untrained
     png = tmp_path / "theta.png"
-    code, out, err = run_cli(capsys, "analyze", "--models", *fts, "--base", base, "--heatmap", png, "--no-progress")
+    code, out, err = run_cli("analyze", "--models", *fts, "--base", base, "--heatmap", png, "--no-progress")
     assert code == 0, err
     assert "θ 1·2" in out and "| OUT11 " in out and "stock t" in out and "heatmap:" in out
-    code, out, _ = run_cli(capsys, "analyze", "--models", *fts, "--base", base, "--json", "--no-progress")
+    code, out, _ = run_cli("analyze", "--models", *fts, "--base", base, "--json", "--no-progress")
     data = json.loads(out)
     assert data["models"] == [p.name for p in fts] and data["pair_labels"] == ["1·2", "1·3", "2·3"]
     assert len(data["blocks"]) == 30 and data["unit"] == "degrees"
@@ -123,10 +118,25 @@ def test_analyze_command_table_json_and_heatmap(partly_untrained, tmp_path, caps
     assert sum(1 for c in colours if c == colour(0.0) or c == colour(1.0)) >= 1  # the colour bar's ends
 
 
-def test_analyze_needs_two_models(sd1_family, capsys):
+def test_analyze_needs_two_models(sd1_family, run_cli):
     base, fts = sd1_family
-    code, _, err = run_cli(capsys, "analyze", "--models", fts[0], "--base", base, "--no-progress")
+    code, _, err = run_cli("analyze", "--models", fts[0], "--base", base, "--no-progress")
     assert code == 2 and "at least 2 models besides the base" in err and err.count("\n") == 1
+
+
+def _runs(mask) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+_SCALE = np.array([colour(i / 2000) for i in range(2001)], dtype=np.int64)
+
+
+def _fraction_of(rgb) -> float:
+    """Where on the colour scale (0-1) an RGB colour lies: the nearest of colour() sampled finely."""
+    distances = np.abs(_SCALE - np.asarray(rgb, dtype=np.int64)).sum(1)
+    return float(np.argmin(distances)) / (len(_SCALE) - 1)
 
 
 def test_heatmap_of_many_models(sd1_family, tmp_path):
@@ -134,4 +144,45 @@ def test_heatmap_of_many_models(sd1_family, tmp_path):
     report = analyze([str(p) for p in fts] + [str(base)])  # 4 models, 6 pairs, raw weights
     path = render_heatmap(report, tmp_path / "many.png")
     image = Image.open(path)
+    assert image.format == "PNG" and image.mode == "RGB"
     assert image.width > 7 * 78  # 6 pairs and the mean
+    assert len(report.pair_labels) == 6 and len(report.blocks) == 30 and report.blocks[-1].block == "ALL"
+
+    # The coloured (non-grey) pixels are the cells and the colour bar: text, grid and background are grey.
+    rgb = np.asarray(image, dtype=np.int64)
+    coloured = rgb.max(axis=2) != rgb.min(axis=2)
+    columns = _runs(coloured.any(axis=0))
+    assert len(columns) == len(report.pair_labels) + 1 + 1  # a column per pair, the mean, the colour bar
+    *cell_columns, bar = columns
+    assert len({end - start for start, end in cell_columns}) == 1  # equal widths
+    assert cell_columns[-1][0] - cell_columns[-2][1] > cell_columns[1][0] - cell_columns[0][1]  # mean set apart
+    rows = _runs(coloured[:, cell_columns[0][0]:cell_columns[-1][1]].any(axis=1))
+    assert len(rows) == len(report.blocks)  # a row per block, the whole model last
+    assert len({end - start for start, end in rows}) == 1
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(rows)]
+    assert len(set(gaps[:-1])) == 1 and gaps[-1] > gaps[0]  # the whole-model row set apart
+    assert image.height > rows[-1][1] and rows[0][0] > 0  # the title above, the legend below
+
+    # Each cell's fill (its corner, clear of the printed number) shows its own angle on one linear scale.
+    values, fractions, fills = [], [], []
+    for block, (y0, _) in zip(report.blocks, rows):
+        for value, (x0, _) in zip([*block.angles, block.mean_angle], cell_columns):
+            fill = tuple(rgb[y0 + 1, x0 + 1])
+            assert fill == tuple(rgb[y0 + 3, x0 + 2]), (block.block, fill)  # a filled cell, not text
+            values.append(value)
+            fills.append(fill)
+            fractions.append(_fraction_of(fill))
+    assert len(values) == 30 * 7 and None not in values
+    slope, intercept = np.polyfit(values, fractions, 1)
+    assert slope > 0 and np.abs(np.polyval([slope, intercept], values) - fractions).max() < 0.01
+    assert min(fractions) >= 0 and max(fractions) <= 1 and max(fractions) - min(fractions) > 0.3
+    spread = max(values) - min(values)
+    for i in range(len(values)):
+        for j in range(i):
+            if abs(values[i] - values[j]) > spread / 50:  # distinct angles, distinct colours
+                assert fills[i] != fills[j], (values[i], values[j])
+    # the colour bar runs from the top of the scale to its bottom over the grid's height
+    bar_x = (bar[0] + bar[1]) // 2
+    bar_rows = _runs(coloured[:, bar_x])
+    assert len(bar_rows) == 1 and bar_rows[0][0] >= rows[0][0] - 1 and bar_rows[0][1] <= rows[-1][1] + 1
+    assert _fraction_of(rgb[bar_rows[0][0], bar_x]) > 0.98 and _fraction_of(rgb[bar_rows[0][1] - 1, bar_x]) < 0.02

@@ -9,7 +9,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import merge_lab_methods as methods
-from merge_lab.cli import main
 from merge_lab.engine.executor import merge_to_state_dict
 from merge_lab.engine.recipe import Recipe
 
@@ -43,12 +42,6 @@ IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'defaults'}{'-base' 
        for m, p, _, b, _ in CASES]
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def direct(method, params, models, base, ratio, key, seed, weights):
     """The method on whole float32 tensors, as the engine's plan would call it (no chunks, no statistics)."""
     ctx = M.KeyContext(key=key, seed=seed, shape=tuple(models[0].shape),
@@ -58,7 +51,7 @@ def direct(method, params, models, base, ratio, key, seed, weights):
 
 
 @pytest.mark.parametrize("method, params, n, with_base, weights", CASES, ids=IDS)
-def test_merge_command_end_to_end(sd1_family, tmp_path, capsys, method, params, n, with_base, weights):
+def test_merge_command_end_to_end(sd1_family, tmp_path, run_cli, method, params, n, with_base, weights):
     base, fts = sd1_family
     out = tmp_path / "out.safetensors"
     argv = ["merge", "--models", *fts[:n], "--method", method, "--alpha", "0.7", "--seed", "3",
@@ -69,7 +62,7 @@ def test_merge_command_end_to_end(sd1_family, tmp_path, capsys, method, params, 
         argv += ["--weights", ",".join(f"{w:g}" for w in weights)]
     for name, value in params.items():
         argv += ["--param", f"{name}={str(value).lower() if isinstance(value, bool) else value}"]
-    code, _, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(*argv)
     assert code == 0, err
     with safe_open(out, "pt") as f:
         recipe = json.loads(f.metadata()["sd_merge_recipe"])
@@ -132,10 +125,10 @@ def test_task_negation_removes_a_models_change(sd1_fp32_family, method, params):
             torch.testing.assert_close(removed[key], b, rtol=0, atol=1e-6)
 
 
-def test_negative_weights_on_the_command_line(sd1_fp32_family, tmp_path, capsys):
+def test_negative_weights_on_the_command_line(sd1_fp32_family, tmp_path, run_cli):
     base, (a, b) = sd1_fp32_family
     out = tmp_path / "negated.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a, b, "--base", base, "--method", "task_arithmetic",
+    code, _, err = run_cli("merge", "--models", a, b, "--base", base, "--method", "task_arithmetic",
                            "--weights", "-1,1", "--alpha", "1", "--out", out, "--no-progress")
     assert code == 0, err
     merged, B, A, Bm = load_file(out), load_file(base), load_file(a), load_file(b)
@@ -143,7 +136,7 @@ def test_negative_weights_on_the_command_line(sd1_fp32_family, tmp_path, capsys)
         if mergeable(key, t, "sd1"):
             torch.testing.assert_close(merged[key], t - (A[key] - t) + (Bm[key] - t), rtol=1e-5, atol=1e-6)
     # barycentric methods refuse negative weights with a one-line error
-    code, _, err = run_cli(capsys, "merge", "--models", a, b, "--method", "multislerp", "--weights", "-1,1",
+    code, _, err = run_cli("merge", "--models", a, b, "--method", "multislerp", "--weights", "-1,1",
                            "--out", tmp_path / "x.safetensors", "--no-progress")
     assert code == 2 and "negative" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()

@@ -14,11 +14,6 @@ M = methods
 ctx_for = M.KeyContext
 
 
-def call(name, models, base, ratio=1.0, ctx=None, **params):
-    ctx = ctx or ctx_for(key="k", shape=tuple(models[0].shape))
-    return M.get_method(name)(models, base, ratio, ctx, **params)
-
-
 # ---- DELLA ---------------------------------------------------------------------------------------------
 
 def test_della_keep_probabilities_are_ranked_per_row():
@@ -29,7 +24,7 @@ def test_della_keep_probabilities_are_ranked_per_row():
     assert M.sparse.della_keep_probabilities(torch.tensor([[5.]]), 0.6, 0.1).item() == pytest.approx(0.6)
 
 
-def test_della_golden_from_the_documented_draws():
+def test_della_golden_from_the_documented_draws(call):
     base = torch.tensor([[1., 1., 1.], [0., 0., 0.]])
     taus = [torch.tensor([[3., -1., 2.], [0.5, 4., -2.]]), torch.tensor([[-1., 2., 2.], [1., -3., 0.25]])]
     ctx = ctx_for(key="model.x.weight", seed=4, shape=(2, 3))
@@ -54,7 +49,7 @@ def test_della_golden_from_the_documented_draws():
     torch.testing.assert_close(plain, base + unscaled[0] + unscaled[1], rtol=1e-6, atol=1e-6)
 
 
-def test_della_with_epsilon_0_is_dare_bit_for_bit():
+def test_della_with_epsilon_0_is_dare_bit_for_bit(call):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(7, 9, generator=g)
     models = [base + torch.randn(7, 9, generator=g) for _ in range(3)]
@@ -67,7 +62,7 @@ def test_della_with_epsilon_0_is_dare_bit_for_bit():
                            call("dare", models, base, 0.6, ctx, p=p, combine="ties"))
 
 
-def test_della_edges_and_errors():
+def test_della_edges_and_errors(call):
     base = torch.tensor([1., 2., 3.])
     models = [base + torch.tensor([1., -1., 2.]), base + torch.tensor([0.5, 0.5, -1.])]
     ctx = ctx_for(key="k", shape=(3,))
@@ -85,7 +80,7 @@ def test_della_edges_and_errors():
 BREAD = torch.tensor([0.1, -5., 2., -0.3, 1., 0.2, 3., -0.05, 0.7, 4.])
 
 
-def test_breadcrumbs_drops_the_largest_and_the_smallest():
+def test_breadcrumbs_drops_the_largest_and_the_smallest(call):
     # n = 10, density 0.5, γ 0.2: keep 5, drop the 2 largest (5, 4) and the 3 smallest (0.05, 0.1, 0.2)
     got = call("breadcrumbs", [BREAD.clone()], torch.zeros(10), density=0.5, gamma=0.2)
     assert torch.equal(got, torch.tensor([0., 0., 2., -0.3, 1., 0., 3., 0., 0.7, 0.]))
@@ -99,7 +94,7 @@ def test_breadcrumbs_drops_the_largest_and_the_smallest():
     assert M.sparse.breadcrumbs_counts(10, 0.5, 0.6) == (0, 5)
 
 
-def test_breadcrumbs_ties_and_the_ratio():
+def test_breadcrumbs_ties_and_the_ratio(call):
     base = torch.ones(10)
     other = torch.tensor([-0.2, 5., -2., 0.4, 1., -0.1, 3., 0.05, -0.9, 4.])
     # other keeps |x| in [0.4, 3]: [0, 0, −2, 0.4, 1, 0, 3, 0, −0.9, 0]; BREAD keeps [0, 0, 2, −0.3, 1, 0, 3, 0, 0.7, 0]
@@ -114,7 +109,7 @@ def test_breadcrumbs_ties_and_the_ratio():
 
 # ---- SCE ---------------------------------------------------------------------------------------------------
 
-def test_sce_golden():
+def test_sce_golden(call):
     base = torch.zeros(4)
     t1, t2 = torch.tensor([1., 2., -1., 0.]), torch.tensor([2., -1., 3., 2.])
     # mean squares 6/4 and 18/4 -> weights 0.25, 0.75; mass votes all positive
@@ -130,7 +125,7 @@ def test_sce_golden():
     assert call("sce", [torch.tensor([1., 2.]), torch.tensor([-1., 1.])], torch.zeros(2)).tolist()[0] == 0.0
 
 
-def test_sce_uses_the_whole_tensor_weights_from_the_statistics():
+def test_sce_uses_the_whole_tensor_weights_from_the_statistics(call):
     t1, t2 = torch.tensor([[1., 2., -1., 0.]]), torch.tensor([[2., -1., 3., 2.]])
     stats = {"square_sums": torch.tensor([1.0, 3.0], dtype=torch.float64)}  # as if the other rows weighed so
     got = call("sce", [t1, t2], torch.zeros(1, 4), ctx=ctx_for(key="k", shape=(1, 4), stats=stats))
@@ -139,7 +134,7 @@ def test_sce_uses_the_whole_tensor_weights_from_the_statistics():
 
 # ---- Multi-SLERP, Karcher ---------------------------------------------------------------------------------
 
-def test_multislerp_golden():
+def test_multislerp_golden(call):
     a, b = torch.tensor([2., 0.]), torch.tensor([0., 1.])
     # α = 0.5: directions 45°, norm 0.5·2 + 0.5·1 = 1.5
     torch.testing.assert_close(call("multislerp", [a, b], None, 0.5), 1.5 / math.sqrt(2) * torch.ones(2))
@@ -160,7 +155,7 @@ def test_multislerp_golden():
     torch.testing.assert_close(call("multislerp", [a, -a], None, 0.5), torch.zeros(2))
 
 
-def test_karcher_golden_is_the_geodesic_mean():
+def test_karcher_golden_is_the_geodesic_mean(call):
     a, b = torch.tensor([2., 0.]), torch.tensor([0., 1.])
     # two directions: the weighted Karcher mean lies at the weighted angle (22.5° for α = 0.25), norm 1.75
     expected = 1.75 * torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8)])
@@ -178,7 +173,7 @@ def test_karcher_golden_is_the_geodesic_mean():
     torch.testing.assert_close(got, torch.tensor([1., 0.]))
 
 
-def test_barycentric_weights_are_checked():
+def test_barycentric_weights_are_checked(call):
     a, b = torch.tensor([2., 0.]), torch.tensor([0., 1.])
     for name in ("multislerp", "karcher", "geometric_median"):
         with pytest.raises(ValueError, match=r"barycentric|must not be negative"):
@@ -190,7 +185,7 @@ def test_barycentric_weights_are_checked():
 
 # ---- NuSLERP -----------------------------------------------------------------------------------------------
 
-def test_nuslerp_golden():
+def test_nuslerp_golden(call):
     a, b = torch.tensor([1., 0.]), torch.tensor([0., 2.])
     # Ω = 90°: sin(45°)·a + sin(45°)·b on the raw vectors
     s = math.sin(math.pi / 4)
@@ -210,7 +205,7 @@ def test_nuslerp_golden():
     torch.testing.assert_close(call("nuslerp", [a, torch.zeros(2)], None, 0.25), torch.tensor([0.75, 0.]))
 
 
-def test_nuslerp_column_uses_the_column_statistics():
+def test_nuslerp_column_uses_the_column_statistics(call):
     A, B = torch.tensor([[1., 0.]]), torch.tensor([[0., 2.]])  # one row of a taller tensor
     stats = M.sphere.pair_statistics(torch.tensor([[1., 0.], [1., 1.]]), torch.tensor([[0., 2.], [2., 2.]]),
                                      "column")
@@ -222,7 +217,7 @@ def test_nuslerp_column_uses_the_column_statistics():
 
 # ---- NearSwap ---------------------------------------------------------------------------------------------
 
-def test_nearswap_golden():
+def test_nearswap_golden(call):
     base, other = torch.zeros(4), torch.tensor([0.5, -2., 0., 10.])
     # |d| = 0.5, 2, 0, 10 with t = 1: weights 1, 0.5, 1, 0.1
     assert call("nearswap", [other], base, t=1.0).tolist() == pytest.approx([0.5, -1.0, 0.0, 1.0])
@@ -234,7 +229,7 @@ def test_nearswap_golden():
 
 # ---- geometric median -----------------------------------------------------------------------------------
 
-def test_geometric_median_is_the_fermat_point():
+def test_geometric_median_is_the_fermat_point(call):
     # the right isosceles triangle (0,0), (1,0), (0,1): the Fermat point (t, t), t = (3 − √3)/6
     points = [torch.tensor([0., 0.]), torch.tensor([1., 0.]), torch.tensor([0., 1.])]
     t = (3 - math.sqrt(3)) / 6
@@ -246,7 +241,7 @@ def test_geometric_median_is_the_fermat_point():
     torch.testing.assert_close(got, same, rtol=0, atol=1e-4)
 
 
-def test_geometric_median_ratio_base_and_weights():
+def test_geometric_median_ratio_base_and_weights(call):
     points = [torch.tensor([0., 0.]), torch.tensor([1., 0.]), torch.tensor([0., 1.])]
     median = call("geometric_median", points, None, 1.0)
     # without a base the first model anchors the ratio; with one the base does (the median is the same)
@@ -272,7 +267,7 @@ def test_weiszfeld_stops_at_max_iter_and_starts_at_the_weighted_mean():
 
 # ---- TSD with the geometric median (TGMD) ----------------------------------------------------------------
 
-def test_tsd_geometric_median_of_the_sign_filtered_vectors():
+def test_tsd_geometric_median_of_the_sign_filtered_vectors(call):
     base = torch.zeros(2)
     taus = [torch.tensor([1., 1.]), torch.tensor([2., -1.]), torch.tensor([10., 1.]), torch.tensor([1.5, -3.])]
     # count votes: [4, 0] -> entry 1 elected 0: every τ loses it -> points (1, 0), (2, 0), (10, 0), (1.5, 0)
@@ -293,7 +288,7 @@ def test_tsd_geometric_median_of_the_sign_filtered_vectors():
                        call("ties_soup", taus, base, 1.0))
 
 
-def test_new_methods_leave_their_inputs_alone():
+def test_new_methods_leave_their_inputs_alone(call):
     base = torch.tensor([[1., 2., 3.], [0., -1., 4.]])
     models = [base + torch.tensor([[2., -2., 1.], [0.5, 0.1, -3.]]), base + torch.tensor([[-1., 1., 1.], [2., 0., 1.]])]
     before = [m.clone() for m in models], base.clone()

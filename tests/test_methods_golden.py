@@ -13,10 +13,6 @@ M = methods
 ctx_for = M.KeyContext
 
 
-def call(name, models, base, ratio=1.0, ctx=None, **params):
-    return M.get_method(name)(models, base, ratio, ctx, **params)
-
-
 # sd-mecha's 4×4 "sudoku" test inputs (tests/merge_methods/test_ties.py), used as task vectors.
 SUDOKU_A = torch.tensor([[-1., 2., 3., 4.], [4., -3., 2., 1.], [3., 4., 1., -2.], [2., 1., -4., 3.]])
 SUDOKU_B = torch.tensor([[3., 4., 1., -2.], [2., 1., -4., 3.], [-1., 2., 3., 4.], [4., -3., 2., 1.]])
@@ -27,7 +23,7 @@ SUDOKU_MASS = torch.tensor([[3., 3., 3., 4.], [3., -3., -4., 3.], [3., 3., 3., 4
 
 # ---- task arithmetic --------------------------------------------------------------------------------
 
-def test_task_arithmetic_golden():
+def test_task_arithmetic_golden(call):
     base = torch.tensor([1., 2.])
     m1, m2 = torch.tensor([2., 1.]), torch.tensor([3., 2.5])  # τ = [1, −1], [2, 0.5]
     assert torch.equal(call("task_arithmetic", [m1, m2], base, 0.5, scale=2.0), torch.tensor([4., 1.5]))
@@ -39,7 +35,7 @@ def test_task_arithmetic_golden():
 # ---- TIES family ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("base_value", [0.0, 1.5])
-def test_sudoku_golden_rows(base_value):
+def test_sudoku_golden_rows(call, base_value):
     base = torch.full((4, 4), base_value)
     models = [base + SUDOKU_A, base + SUDOKU_B]
     count = call("ties_soup", models, base, k=0.5)
@@ -53,7 +49,7 @@ def test_sudoku_golden_rows(base_value):
     assert torch.equal(call("ties", models, base, 0.25, k=0.5, scale=2.0), base + SUDOKU_MASS * 0.5)
 
 
-def test_ties_trim_election_and_weights_by_hand():
+def test_ties_trim_election_and_weights_by_hand(call):
     base = torch.zeros(4)
     t1, t2 = torch.tensor([3., -1., 0.5, 2.]), torch.tensor([-2., -2., 1., 0.])
     # k = 0.5, n = 4: threshold = 2nd smallest magnitude: t1 keeps |x| >= 1 -> [3, −1, 0, 2]; t2 keeps
@@ -65,7 +61,7 @@ def test_ties_trim_election_and_weights_by_hand():
     assert weighted.tolist() == [2.5, 2.0, -1.0, 2.0]
 
 
-def test_ties_k_edges_and_zero_vectors():
+def test_ties_k_edges_and_zero_vectors(call):
     base = torch.tensor([1., -1., 2.])
     models = [base + torch.tensor([1., 2., -3.]), base + torch.tensor([1., -2., -1.])]
     assert torch.equal(call("ties", models, base, k=0.0), base)  # k = 0 keeps nothing: the base
@@ -74,7 +70,7 @@ def test_ties_k_edges_and_zero_vectors():
     assert torch.equal(call("ties", [base.clone(), base.clone()], base, k=0.3), base)  # zero task vectors
 
 
-def test_ties_scalars_and_vectors():
+def test_ties_scalars_and_vectors(call):
     zero = torch.tensor(0.0)
     assert float(call("ties", [torch.tensor(2.0), torch.tensor(-1.0)], zero, k=0.5)) == 2.0  # mass: sgn 1
     assert float(call("ties_soup", [torch.tensor(2.0), torch.tensor(-1.0)], zero, k=0.5)) == 0.0  # tie: 0
@@ -96,7 +92,7 @@ def test_trim_threshold_matches_kthvalue_on_big_tensors():
 
 # ---- DARE and TSD ---------------------------------------------------------------------------------
 
-def test_dare_golden_from_the_documented_mask_scheme():
+def test_dare_golden_from_the_documented_mask_scheme(call):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 5, generator=g)
     taus = [torch.randn(3, 5, generator=g) for _ in range(2)]
@@ -110,7 +106,7 @@ def test_dare_golden_from_the_documented_mask_scheme():
                                rtol=1e-6, atol=1e-6)
 
 
-def test_dare_p_edges():
+def test_dare_p_edges(call):
     base = torch.tensor([1., 2., 3.])
     models = [base + torch.tensor([1., -1., 2.]), base + torch.tensor([0.5, 0.5, -1.])]
     ctx = ctx_for(key="k", shape=(3,))
@@ -121,7 +117,7 @@ def test_dare_p_edges():
                        call("ties", models, base, 0.7, ctx, k=1.0))
 
 
-def test_keep_fraction_and_rescaled_expectation():
+def test_keep_fraction_and_rescaled_expectation(call):
     n = 1 << 21
     ctx = ctx_for(key="big", shape=(n,), seed=5)
     keep = M.drop.keep_mask(ctx, 0, n, 0.3)
@@ -135,7 +131,7 @@ def test_keep_fraction_and_rescaled_expectation():
     assert abs(float((dropped - 1).mean()) - 1.0) < 0.005  # the rescale keeps the expected task vector
 
 
-def test_tsd_golden_and_stock():
+def test_tsd_golden_and_stock(call):
     base = torch.zeros(4, 4)
     models = [SUDOKU_A.clone(), SUDOKU_B.clone()]
     ctx = ctx_for(key="k", shape=(4, 4))
@@ -148,7 +144,7 @@ def test_tsd_golden_and_stock():
     assert torch.equal(call("tsd", models, base, ctx=ctx, p=1.0), base)
 
 
-def test_tsd_masks_then_ties_soup():
+def test_tsd_masks_then_ties_soup(call):
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 4, generator=g)
     taus = [torch.randn(6, 4, generator=g) for _ in range(3)]
@@ -161,14 +157,14 @@ def test_tsd_masks_then_ties_soup():
 
 # ---- Model Stock ------------------------------------------------------------------------------------
 
-def test_model_stock_two_models_golden():
+def test_model_stock_two_models_golden(call):
     t = 2 * (math.sqrt(2) - 1)  # cos = 1/√2
     base = torch.tensor([1., 1.])
     got = call("model_stock", [base + torch.tensor([1., 0.]), base + torch.tensor([1., 1.])], base)
     torch.testing.assert_close(got, base + t * torch.tensor([1., 0.5]), rtol=1e-6, atol=0)
 
 
-def test_model_stock_averages_all_pairs_not_consecutive_ones():
+def test_model_stock_averages_all_pairs_not_consecutive_ones(call):
     # cos12 = 0, cos13 = cos23 = 1/√2: all pairs c = √2/3 (consecutive pairs would give √2/4)
     taus = [torch.tensor([1., 0., 0.]), torch.tensor([0., 1., 0.]), torch.tensor([1., 1., 0.])]
     c = math.sqrt(2) / 3
@@ -177,7 +173,7 @@ def test_model_stock_averages_all_pairs_not_consecutive_ones():
     torch.testing.assert_close(got, torch.tensor([2 / 3, 2 / 3, 0.]) * t, rtol=1e-6, atol=0)
 
 
-def test_model_stock_row_granularity_and_negative_cosine():
+def test_model_stock_row_granularity_and_negative_cosine(call):
     base = torch.zeros(2, 2)
     t1 = torch.tensor([[1., 0.], [1., 1.]])
     t2 = torch.tensor([[1., 1.], [-1., -1.]])  # row 0: cos 1/√2; row 1: cos −1 -> t = 0
@@ -188,7 +184,7 @@ def test_model_stock_row_granularity_and_negative_cosine():
     assert torch.equal(call("model_stock", [t1, t2], base), base)
 
 
-def test_model_stock_guards():
+def test_model_stock_guards(call):
     base = torch.zeros(2)
     # the singularity: three unit vectors 120° apart, c = −1/2, 1 + 2c = 0 -> t = 0
     s = math.sqrt(3) / 2
@@ -205,7 +201,7 @@ def test_model_stock_guards():
     assert float(call("model_stock", [torch.tensor(2.0), torch.tensor(3.0)], torch.tensor(0.0))) == 2.5
 
 
-def test_model_stock_block_granularity_reads_the_block_gram():
+def test_model_stock_block_granularity_reads_the_block_gram(call):
     taus = [torch.tensor([1., 0.]), torch.tensor([0., 1.])]  # orthogonal in this key...
     block_gram = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)  # ...but c = 1/2 over the block
     got = call("model_stock", taus, torch.zeros(2), ctx=ctx_for(stats={"block_gram": block_gram}),
@@ -215,7 +211,7 @@ def test_model_stock_block_granularity_reads_the_block_gram():
         call("model_stock", taus, torch.zeros(2), granularity="block")
 
 
-def test_methods_needing_two_fine_tunes_refuse_one():
+def test_methods_needing_two_fine_tunes_refuse_one(call):
     with pytest.raises(ValueError, match="at least 2"):
         call("model_stock", [torch.ones(2)], torch.zeros(2))
     with pytest.raises(ValueError, match="at least 2"):
@@ -224,7 +220,7 @@ def test_methods_needing_two_fine_tunes_refuse_one():
 
 # ---- ExPO -------------------------------------------------------------------------------------------
 
-def test_expo_golden_and_equal_to_add_difference():
+def test_expo_golden_and_equal_to_add_difference(call):
     ft, base = torch.tensor([2., 4.]), torch.tensor([1., 1.])
     assert call("expo", [ft], base, 0.5).tolist() == [2.5, 5.5]
     assert torch.equal(call("expo", [ft], base, 0.0), ft)
@@ -233,7 +229,7 @@ def test_expo_golden_and_equal_to_add_difference():
     assert torch.equal(call("expo", [ft], base, 0.37), call("add_difference", [ft, ft], base, 0.37))
 
 
-def test_inputs_untouched_unless_writable():
+def test_inputs_untouched_unless_writable(call):
     base = torch.tensor([1., 2., 3.])
     models = [torch.tensor([2., 2., 2.]), torch.tensor([0., 4., 3.])]
     before = [m.clone() for m in models], base.clone()

@@ -21,33 +21,27 @@ def tensors(draw, count=1, min_dims=0, max_dims=3):
     return [torch.randn(shape, generator=g) for _ in range(count)]
 
 
-def call(name, models, base, ratio=1.0, ctx=None, **params):
-    shape = tuple(base.shape)
-    ctx = ctx or M.KeyContext(key="key", shape=shape)
-    return M.get_method(name)(models, base, ratio, ctx, **params)
-
-
 def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @SETTINGS
 @given(tensors(2), st.sampled_from(["mass", "count"]), st.sampled_from(["ties", "ties_soup"]))
-def test_ties_with_one_model_and_k_1_returns_it(pair, election, name):
+def test_ties_with_one_model_and_k_1_returns_it(call, pair, election, name):
     model, base = pair
     close(call(name, [model], base, k=1.0, election=election), model)
 
 
 @SETTINGS
 @given(tensors(4), st.sampled_from(["tensor", "row"]), st.integers(2, 3))
-def test_model_stock_with_identical_fine_tunes_returns_them(ts, granularity, n):
+def test_model_stock_with_identical_fine_tunes_returns_them(call, ts, granularity, n):
     model, base = ts[0], ts[1]
     close(call("model_stock", [model.clone() for _ in range(n)], base, granularity=granularity), model)
 
 
 @SETTINGS
 @given(tensors(2), st.integers(2, 3))
-def test_weighted_sum_ratio_0_and_1_return_an_input(pair, n):
+def test_weighted_sum_ratio_0_and_1_return_an_input(call, pair, n):
     a, b = pair
     models = [a, b] + [b.clone() for _ in range(n - 2)]
     assert torch.equal(call("weighted_sum", models, a, 0.0), a)
@@ -56,7 +50,7 @@ def test_weighted_sum_ratio_0_and_1_return_an_input(pair, n):
 
 @SETTINGS
 @given(tensors(4), st.floats(0, 1), st.sampled_from(["mass", "count"]), st.integers(0, 2**32))
-def test_tsd_with_p_0_equals_ties_soup(ts, k, election, seed):
+def test_tsd_with_p_0_equals_ties_soup(call, ts, k, election, seed):
     *models, base = ts
     ctx = M.KeyContext(key="k", seed=seed, shape=tuple(base.shape))
     assert torch.equal(call("tsd", models, base, 0.6, ctx, p=0.0, k=k, election=election),
@@ -65,7 +59,7 @@ def test_tsd_with_p_0_equals_ties_soup(ts, k, election, seed):
 
 @SETTINGS
 @given(tensors(3), st.integers(0, 2**32))
-def test_dare_with_p_0_is_task_arithmetic(ts, seed):
+def test_dare_with_p_0_is_task_arithmetic(call, ts, seed):
     *models, base = ts
     ctx = M.KeyContext(key="k", seed=seed, shape=tuple(base.shape))
     assert torch.equal(call("dare", models, base, 0.8, ctx, p=0.0), call("task_arithmetic", models, base, 0.8, ctx))
@@ -73,14 +67,14 @@ def test_dare_with_p_0_is_task_arithmetic(ts, seed):
 
 @SETTINGS
 @given(tensors(4), st.sampled_from(["task_arithmetic", "ties", "ties_soup", "dare", "tsd", "model_stock"]))
-def test_ratio_0_leaves_the_base_untouched(ts, name):
+def test_ratio_0_leaves_the_base_untouched(call, ts, name):
     *models, base = ts
     assert torch.equal(call(name, models, base, 0.0), base)
 
 
 @SETTINGS
 @given(tensors(4), st.floats(0.05, 1), st.sampled_from(["mass", "count"]))
-def test_ties_entries_lie_within_the_task_vectors(ts, k, election):
+def test_ties_entries_lie_within_the_task_vectors(call, ts, k, election):
     *models, base = ts
     merged = call("ties", models, base, k=k, election=election) - base
     taus = torch.stack([m - base for m in models])
@@ -90,7 +84,7 @@ def test_ties_entries_lie_within_the_task_vectors(ts, k, election):
 
 @SETTINGS
 @given(tensors(4), st.sampled_from(["mass", "count"]))
-def test_untrimmed_ties_follows_the_elected_sign(ts, election):
+def test_untrimmed_ties_follows_the_elected_sign(call, ts, election):
     *models, base = ts
     merged = call("ties", models, base, k=1.0, election=election) - base
     taus = torch.stack([m - base for m in models])
@@ -104,7 +98,7 @@ def test_untrimmed_ties_follows_the_elected_sign(ts, election):
 
 @SETTINGS
 @given(tensors(3), st.floats(0.05, 1))
-def test_ties_is_symmetric_in_the_models(ts, k):
+def test_ties_is_symmetric_in_the_models(call, ts, k):
     a, b, base = ts
     close(call("ties", [a, b], base, k=k), call("ties", [b, a], base, k=k))
 

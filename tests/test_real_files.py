@@ -16,7 +16,6 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from merge_lab.cli import main
 from merge_lab.demo.models import make_family, save_state_dict
 from merge_lab.engine.executor import merge_to_file, merge_to_state_dict, to_output_dtype
 from merge_lab.engine.recipe import Recipe
@@ -28,12 +27,6 @@ FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 K_UNET = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 K_VAE = "first_stage_model.decoder.conv_in.weight"
 K_TE = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -66,13 +59,13 @@ def _to_fp8(dtype):
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_fp8_inputs_are_merged_like_any_float(sd1_family, tmp_path, capsys, fp8):
+def test_fp8_inputs_are_merged_like_any_float(sd1_family, tmp_path, run_cli, fp8):
     _, (a, b, _) = sd1_family
     a8 = rewrite(a, tmp_path / "a8.safetensors", _to_fp8(fp8))
     b8 = rewrite(b, tmp_path / "b8.safetensors", _to_fp8(fp8))
     A, B = load_file(a8), load_file(b8)
     out = tmp_path / "m.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a8, b8, "--alpha", "0.3", "--out", out, "--no-progress")
+    code, _, err = run_cli("merge", "--models", a8, b8, "--alpha", "0.3", "--out", out, "--no-progress")
     assert code == 0, err
     merged = load_file(out)
     changed = 0
@@ -84,7 +77,7 @@ def test_fp8_inputs_are_merged_like_any_float(sd1_family, tmp_path, capsys, fp8)
     assert changed == 3  # merged, not copies of A
     # --dtype fp16 casts every float key, merged or not
     out16 = tmp_path / "m16.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a8, b8, "--alpha", "0.3", "--dtype", "fp16", "--out", out16,
+    code, _, err = run_cli("merge", "--models", a8, b8, "--alpha", "0.3", "--dtype", "fp16", "--out", out16,
                            "--no-progress")
     assert code == 0, err
     merged16 = load_file(out16)
@@ -164,7 +157,7 @@ FOREIGN = {
 
 
 @pytest.mark.parametrize("kind", sorted(FOREIGN))
-def test_other_architectures_are_refused_in_one_line(sd1_family, tmp_path, capsys, kind):
+def test_other_architectures_are_refused_in_one_line(sd1_family, tmp_path, run_cli, kind):
     build, what = FOREIGN[kind]
     foreign = tmp_path / f"{kind}.safetensors"
     save_file(build(), foreign)
@@ -172,13 +165,13 @@ def test_other_architectures_are_refused_in_one_line(sd1_family, tmp_path, capsy
     out.parent.mkdir()
     _, (a, _, _) = sd1_family
     for models in ([foreign, foreign], [a, foreign], [foreign, a]):
-        code, _, err = run_cli(capsys, "merge", "--models", *models, "--out", out, "--no-progress")
+        code, _, err = run_cli("merge", "--models", *models, "--out", out, "--no-progress")
         assert_one_line_refusal(code, err, out, str(foreign), what)
-    code, _, err = run_cli(capsys, "info", foreign)
+    code, _, err = run_cli("info", foreign)
     assert code == 2 and what in err
 
 
-def test_a_key_outside_the_layout_is_refused_not_copied(sd1_family, tmp_path, capsys):
+def test_a_key_outside_the_layout_is_refused_not_copied(sd1_family, tmp_path, run_cli):
     _, (a, b, _) = sd1_family
     for name, key, needle in (("unet", "model.diffusion_model.input_blocks.12.0.in_layers.2.weight", "13 input blocks"),
                               ("unet-module", "model.diffusion_model.extra_embed.weight", "layout"),
@@ -192,18 +185,18 @@ def test_a_key_outside_the_layout_is_refused_not_copied(sd1_family, tmp_path, ca
         odd = rewrite(b, tmp_path / f"{name}.safetensors", add)
         out = tmp_path / name / "m.safetensors"
         out.parent.mkdir()
-        code, _, err = run_cli(capsys, "merge", "--models", a, odd, "--out", out, "--no-progress")
+        code, _, err = run_cli("merge", "--models", a, odd, "--out", out, "--no-progress")
         assert code == 2 and err.count("\n") == 1 and str(odd) in err, err
         assert needle in err and (key in err or needle != "layout"), err
         assert not out.exists()
 
 
-def test_unet_only_files_are_detected_by_structure(sd1_family, sd2_family, sdxl_family, tmp_path, capsys):
+def test_unet_only_files_are_detected_by_structure(sd1_family, sd2_family, sdxl_family, tmp_path, run_cli):
     for arch, (_, (a, *_)) in (("sd1", sd1_family), ("sd2", sd2_family), ("sdxl", sdxl_family)):
         unet = {k: v for k, v in load_file(a).items() if k.startswith("model.diffusion_model.")}
         path = tmp_path / f"{arch}-unet.safetensors"
         save_file(unet, path)
-        code, out, err = run_cli(capsys, "info", path, "--json")
+        code, out, err = run_cli("info", path, "--json")
         assert code == 0, err
         assert json.loads(out)["architecture"] == arch
 
@@ -211,12 +204,12 @@ def test_unet_only_files_are_detected_by_structure(sd1_family, sd2_family, sdxl_
 # ---- the default α -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["model_stock", "ties", "ties_soup", "task_arithmetic"])
-def test_default_alpha_reproduces_the_published_method(sd1_family, tmp_path, capsys, method):
+def test_default_alpha_reproduces_the_published_method(sd1_family, tmp_path, run_cli, method):
     base, fts = sd1_family
     outs = {}
     for name, extra in (("default", []), ("one", ["--alpha", "1"]), ("half", ["--alpha", "0.5"])):
         outs[name] = tmp_path / f"{name}.safetensors"
-        code, _, err = run_cli(capsys, "merge", "--method", method, "--models", *fts, "--base", base, *extra,
+        code, _, err = run_cli("merge", "--method", method, "--models", *fts, "--base", base, *extra,
                                "--out", outs[name], "--no-progress")
         assert code == 0, err
     default, one, half = (load_file(outs[n]) for n in ("default", "one", "half"))
@@ -226,7 +219,7 @@ def test_default_alpha_reproduces_the_published_method(sd1_family, tmp_path, cap
         assert json.loads(f.metadata()["sd_merge_recipe"])["alpha"] == 1.0
 
 
-def test_default_alpha_of_interpolations_and_recipe_files(sd1_family, tmp_path, capsys):
+def test_default_alpha_of_interpolations_and_recipe_files(sd1_family, tmp_path, run_cli):
     base, (a, b, _) = sd1_family
     out = tmp_path / "ws.safetensors"
     merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))
@@ -235,12 +228,12 @@ def test_default_alpha_of_interpolations_and_recipe_files(sd1_family, tmp_path, 
     recipe = tmp_path / "r.yaml"  # a recipe file without alpha: the method's default, as on the command line
     recipe.write_text(yaml.safe_dump({"models": [str(a), str(b)], "base": str(base), "method": "ties_soup",
                                       "out": "from-file.safetensors"}))
-    code, _, err = run_cli(capsys, "merge", "--recipe", recipe, "--no-progress")
+    code, _, err = run_cli("merge", "--recipe", recipe, "--no-progress")
     assert code == 0, err
     explicit = tmp_path / "explicit.safetensors"
     merge_to_file(Recipe(models=[str(a), str(b)], base=str(base), method="ties_soup", alpha=1.0, out=str(explicit)))
     assert load_file(tmp_path / "from-file.safetensors")[K_UNET].equal(load_file(explicit)[K_UNET])
-    code, text, _ = run_cli(capsys, "methods", "--json")
+    code, text, _ = run_cli("methods", "--json")
     defaults = {m["name"]: m["default_alpha"] for m in json.loads(text)}
     assert defaults["weighted_sum"] == defaults["slerp"] == 0.5
     assert defaults["model_stock"] == defaults["ties"] == defaults["tsd"] == defaults["dare"] == 1.0
@@ -248,20 +241,20 @@ def test_default_alpha_of_interpolations_and_recipe_files(sd1_family, tmp_path, 
 
 # ---- existing outputs ----------------------------------------------------------------------------------
 
-def test_existing_output_is_refused_unless_overwrite(sd1_family, tmp_path, capsys):
+def test_existing_output_is_refused_unless_overwrite(sd1_family, tmp_path, run_cli):
     _, (a, b, _) = sd1_family
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"precious")
-    code, _, err = run_cli(capsys, "merge", "--models", a, b, "--out", out, "--no-progress")
+    code, _, err = run_cli("merge", "--models", a, b, "--out", out, "--no-progress")
     assert code == 2 and "already exists" in err and "--overwrite" in err and str(out) in err
-    code, _, err = run_cli(capsys, "merge", "--models", a, b, "--out", out, "--preview", "--no-progress")
+    code, _, err = run_cli("merge", "--models", a, b, "--out", out, "--preview", "--no-progress")
     assert code == 2 and "already exists" in err
     assert out.read_bytes() == b"precious"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"models": [str(a), str(b)], "out": str(out)}))
-    code, text, _ = run_cli(capsys, "batch", recipe, "--no-progress")
+    code, text, _ = run_cli("batch", recipe, "--no-progress")
     assert code == 1 and "already exists" in text and out.read_bytes() == b"precious"
-    code, _, err = run_cli(capsys, "batch", recipe, "--overwrite", "--no-progress")
+    code, _, err = run_cli("batch", recipe, "--overwrite", "--no-progress")
     assert code == 0, err
     assert K_UNET in load_file(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -293,11 +286,11 @@ def _widen(channels):
 
 @pytest.mark.parametrize(("family", "channels", "variant"), [("sd1", 9, "inpaint"), ("sd1", 8, "instruct-pix2pix"),
                                                            ("sdxl", 9, "inpaint")])
-def test_make_an_inpainting_version(request, tmp_path, capsys, family, channels, variant):
+def test_make_an_inpainting_version(request, tmp_path, run_cli, family, channels, variant):
     base, (custom, other, _) = request.getfixturevalue(f"{family}_family")
     inpaint = rewrite(base, tmp_path / "inpaint.safetensors", _widen(channels))  # A: the base's inpainting model
     out = tmp_path / "m.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--method", "add_difference", "--models", inpaint, custom, base,
+    code, _, err = run_cli("merge", "--method", "add_difference", "--models", inpaint, custom, base,
                            "--out", out, "--no-progress")
     assert code == 0, err
     merged, A, B, C = load_file(out), load_file(inpaint), load_file(custom), load_file(base)
@@ -306,7 +299,7 @@ def test_make_an_inpainting_version(request, tmp_path, capsys, family, channels,
     assert torch.equal(merged[FIRST_CONV][:, :4], expected)
     assert torch.equal(merged[FIRST_CONV][:, 4:], A[FIRST_CONV][:, 4:])  # A's extra channels, kept
     assert torch.equal(merged[K_UNET], (A[K_UNET].float() + (B[K_UNET].float() - C[K_UNET].float())).half())
-    code, text, _ = run_cli(capsys, "info", out, "--json")
+    code, text, _ = run_cli("info", out, "--json")
     assert variant in json.loads(text)["variants"]
     if variant == "inpaint":
         with safe_open(out, "pt") as f:
@@ -322,7 +315,7 @@ def test_make_an_inpainting_version(request, tmp_path, capsys, family, channels,
     # the inpainting model in any other place is refused, saying to put it first
     for models in ([custom, inpaint, base], [custom, base, inpaint]):
         bad = tmp_path / "bad.safetensors"
-        code, _, err = run_cli(capsys, "merge", "--method", "add_difference", "--models", *models, "--out", bad,
+        code, _, err = run_cli("merge", "--method", "add_difference", "--models", *models, "--out", bad,
                                "--no-progress")
         assert_one_line_refusal(code, err, bad, str(inpaint), "put it first", FIRST_CONV)
 
@@ -335,12 +328,12 @@ def _old_te_names(state):
             state[k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")] = state.pop(k)
 
 
-def test_old_sd1_text_encoder_names_are_matched_and_renamed(sd1_family, tmp_path, capsys):
+def test_old_sd1_text_encoder_names_are_matched_and_renamed(sd1_family, tmp_path, run_cli):
     _, (a, b, _) = sd1_family
     old = rewrite(a, tmp_path / "old.safetensors", _old_te_names)
     assert not any("text_model" in k for k in load_file(old))
     out, reference = tmp_path / "m.safetensors", tmp_path / "ref.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", old, b, "--alpha", "0.4", "--out", out, "--no-progress")
+    code, _, err = run_cli("merge", "--models", old, b, "--alpha", "0.4", "--out", out, "--no-progress")
     assert code == 0, err
     merge_to_file(Recipe(models=[str(a), str(b)], alpha=0.4, out=str(reference)))
     merged, ref = load_file(out), load_file(reference)
@@ -369,13 +362,13 @@ def _like_a_download(state):
     state["ztsnr"] = torch.tensor([])
 
 
-def test_mixed_dtypes_ema_prune_and_markers(sd1_family, tmp_path, capsys):
+def test_mixed_dtypes_ema_prune_and_markers(sd1_family, tmp_path, run_cli):
     _, (a, b, _) = sd1_family
     a2 = rewrite(a, tmp_path / "a.safetensors", _like_a_download)
     b2 = rewrite(b, tmp_path / "b.safetensors", _like_a_download)
     A = load_file(a2)
     kept = tmp_path / "kept.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a2, b2, "--out", kept, "--no-progress")
+    code, _, err = run_cli("merge", "--models", a2, b2, "--out", kept, "--no-progress")
     assert code == 0, err
     merged = load_file(kept)
     assert merged[K_VAE].dtype == torch.float32 and merged[K_UNET].dtype == torch.float16
@@ -383,13 +376,13 @@ def test_mixed_dtypes_ema_prune_and_markers(sd1_family, tmp_path, capsys):
         assert torch.equal(merged[key], A[key]), key
     assert "v_pred" in merged and "ztsnr" in merged
     cast = tmp_path / "cast.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a2, b2, "--dtype", "bf16", "--out", cast, "--no-progress")
+    code, _, err = run_cli("merge", "--models", a2, b2, "--dtype", "bf16", "--out", cast, "--no-progress")
     assert code == 0, err
     merged = load_file(cast)
     assert {k for k, v in merged.items() if v.is_floating_point() and v.dtype != torch.bfloat16} == set()
     assert merged[EMA_KEY].dtype == torch.bfloat16 and merged["model_ema.num_updates"].dtype == torch.int32
     pruned = tmp_path / "pruned.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", a2, b2, "--prune", "--out", pruned, "--no-progress")
+    code, _, err = run_cli("merge", "--models", a2, b2, "--prune", "--out", pruned, "--no-progress")
     assert code == 0, err
     merged = load_file(pruned)
     assert not any(k.startswith("model_ema.") or k in LEFTOVERS for k in merged)
@@ -407,15 +400,15 @@ def refiner_family(tmp_path_factory):
                        vocab=TEST_VOCAB, prefix="refiner")
 
 
-def test_two_refiners_merge_and_a_refiner_with_a_base_is_refused(refiner_family, sdxl_family, tmp_path, capsys):
+def test_two_refiners_merge_and_a_refiner_with_a_base_is_refused(refiner_family, sdxl_family, tmp_path, run_cli):
     _, (r1, r2) = refiner_family
-    code, text, err = run_cli(capsys, "info", r1, "--json")
+    code, text, err = run_cli("info", r1, "--json")
     assert code == 0, err
     report = json.loads(text)
     assert report["architecture"] == "sdxl-refiner"
     out = tmp_path / "m.safetensors"
     values = ",".join(["0"] + ["1"] * 25)  # 26 values: BASE (the OpenCLIP-G text encoder) 0, the UNet 1
-    code, _, err = run_cli(capsys, "merge", "--models", r1, r2, "--blocks", values, "--out", out, "--no-progress")
+    code, _, err = run_cli("merge", "--models", r1, r2, "--blocks", values, "--out", out, "--no-progress")
     assert code == 0, err
     merged, R1, R2 = load_file(out), load_file(r1), load_file(r2)
     te = "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"
@@ -425,5 +418,5 @@ def test_two_refiners_merge_and_a_refiner_with_a_base_is_refused(refiner_family,
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner"
     _, (x, _, _) = sdxl_family
     bad = tmp_path / "bad.safetensors"
-    code, _, err = run_cli(capsys, "merge", "--models", r1, x, "--out", bad, "--no-progress")
+    code, _, err = run_cli("merge", "--models", r1, x, "--out", bad, "--no-progress")
     assert_one_line_refusal(code, err, bad, "sdxl-refiner", "different architectures")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import merge_lab_methods as methods
+
 from .webui_host import client_for, expected_digest, recipe_of, run_xyz, start_webui, stop_webui, tab_of
 
 
@@ -128,10 +130,29 @@ def test_api_refuses_bad_requests_with_one_line(a1111, body, message):
 
 
 def test_api_lists_methods(a1111):
-    listed = {m["name"]: m for m in client_for(a1111).get("/merge-lab/v1/methods").json()["methods"]}
-    assert "weighted_sum" in listed
-    # the α a body without "alpha" is merged with
-    assert listed["weighted_sum"]["default_alpha"] == 0.5 and listed["ties"]["default_alpha"] == 1.0
+    response = client_for(a1111).get("/merge-lab/v1/methods")
+    assert response.status_code == 200
+    entries = response.json()["methods"]
+    assert [m["name"] for m in entries] == methods.method_names()  # every registered method, once, in order
+    for entry in entries:
+        method = methods.get_method(entry["name"])
+        fields = ("summary", "base", "min_models", "max_models", "default_alpha")
+        assert tuple(entry[f] for f in fields) == (method.summary, method.base, method.min_models,
+                                                   method.max_models, method.default_ratio), entry["name"]
+        assert [p["name"] for p in entry["params"]] == [p.name for p in method.params], entry["name"]
+        for listed_param, p in zip(entry["params"], method.params):
+            assert listed_param == {"name": p.name, "type": p.kind.__name__, "default": p.default, "help": p.help,
+                                    **({"choices": list(p.choices)} if p.choices else {})}, entry["name"]
+    listed = {m["name"]: m for m in entries}
+    # published facts, independently of the registry: the α a body without "alpha" is merged with …
+    assert {n: listed[n]["default_alpha"] for n in ("weighted_sum", "slerp", "ties", "task_arithmetic",
+                                                   "model_stock")} == \
+        {"weighted_sum": 0.5, "slerp": 0.5, "ties": 1.0, "task_arithmetic": 1.0, "model_stock": 1.0}
+    # … and TIES' parameters as the tab and the CLI show them
+    assert [(p["name"], p["type"], p["default"]) for p in listed["ties"]["params"]] == \
+        [("k", "float", 0.2), ("scale", "float", 1.0), ("election", "str", "mass")]
+    assert listed["ties"]["params"][2]["choices"] == ["mass", "count"] and listed["ties"]["base"] == "required"
+    assert tuple(listed["slerp"][f] for f in ("base", "min_models", "max_models")) == ("never", 2, 2)
 
 
 def test_xyz_axes_with_a_recipe_without_alpha(a1111):

@@ -17,12 +17,10 @@ from merge_lab.plot.grid import draw_grid
 from merge_lab.plot.xyz import parse_axis, run_xyz
 from merge_lab.preview import render as P
 
+from .helpers import pixels
+
 SMALL = dict(steps=2, width=64, height=64, dtype="fp32", device="cpu", prompt="a red house")
 FLAT_25 = "0," + ",".join(["0.25"] * 25)  # the FLAT_25 preset written out
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 class CountingMerge:
