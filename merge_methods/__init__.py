@@ -5,6 +5,19 @@ loaded (see merge_lab/_own.py for why it is never imported as the generic ``merg
 """
 
 from . import basic, drop, median, model_stock, sparse, sphere, task_vectors  # noqa: F401  (register the methods)
-from .registry import REGISTRY, KeyContext, MergeMethod, Param, get_method, merge_method, method_names
+from .registry import (
+    REGISTRY,
+    Chunking,
+    Compiled,
+    KeyContext,
+    MergeMethod,
+    Param,
+    Statistics,
+    Variant,
+    get_method,
+    merge_method,
+    method_names,
+)
 
-__all__ = ["REGISTRY", "KeyContext", "MergeMethod", "Param", "get_method", "merge_method", "method_names"]
+__all__ = ["REGISTRY", "Chunking", "Compiled", "KeyContext", "MergeMethod", "Param", "Statistics", "Variant",
+           "get_method", "merge_method", "method_names"]

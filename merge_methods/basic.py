@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .registry import KeyContext, Param, merge_method
+from .registry import KeyContext, Param, Statistics, merge_method
 
 
 @merge_method(
@@ -77,7 +77,7 @@ SLERP_COLINEAR_EPS = 1e-6
     summary="great-circle interpolation of the directions of A and B, norms interpolated linearly",
     min_models=2,
     max_models=2,
-    statistics=slerp_statistics,
+    statistics=Statistics(slerp_statistics),
 )
 def slerp(models, base, ratio, ctx: KeyContext):
     """Spherical interpolation per tensor. Directions a/|a|, b/|b| follow the great circle; the norm is

@@ -26,7 +26,7 @@ import torch
 
 from .median import MEDIAN_PARAMS, weiszfeld_coefficients
 from .model_stock import gram, gram_for_cosines, tensor_t
-from .registry import KeyContext, Param, merge_method
+from .registry import Chunking, Compiled, KeyContext, Param, Statistics, merge_method
 from .task_vectors import (
     DENSITY_HELP,
     ELECTION,
@@ -230,9 +230,7 @@ def dare_statistics(models, base, ctx: KeyContext, p, rescale, combine, k, elect
     ),
     base="required",
     randomized=True,
-    statistics=dare_statistics,
-    statistics_needed=_dare_trims,
-    statistics_stages=trim_stages,
+    statistics=Statistics(dare_statistics, needed=_dare_trims, stages=trim_stages),
 )
 def dare(models, base, ratio, ctx: KeyContext, p, rescale, combine, k, election, scale):
     _check_p(p)
@@ -313,12 +311,10 @@ def _tsd_chunkable(params) -> bool:
     ),
     base="required",
     randomized=True,
-    statistics=tsd_statistics,
-    elementwise=_tsd_chunkable,
-    statistics_needed=_tsd_needs_statistics,
-    statistics_stages=trim_stages,
     check=_check_tsd,
-    raw_merge=_raw_tsd,
+    chunking=Chunking(split_rows=_tsd_chunkable),
+    statistics=Statistics(tsd_statistics, needed=_tsd_needs_statistics, stages=trim_stages),
+    compiled=Compiled(merge=_raw_tsd),
 )
 def tsd(models, base, ratio, ctx: KeyContext, p, k, election, rescale, scale, stock, combine, eps, max_iter, tol):
     _check_p(p)

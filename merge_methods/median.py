@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .model_stock import gram
-from .registry import KeyContext, Param, merge_method
+from .registry import KeyContext, Param, Statistics, merge_method
 from .tensors import linear_combination
 
 
@@ -84,7 +84,7 @@ def geometric_median_statistics(models, base, ctx: KeyContext, eps, max_iter, to
     base="optional",
     min_models=2,
     nonnegative_weights=True,
-    statistics=geometric_median_statistics,
+    statistics=Statistics(geometric_median_statistics),
 )
 def geometric_median(models, base, ratio, ctx: KeyContext, eps, max_iter, tol):
     """r + α_b·(median − r), r the base (a task-vector method: α_b = 0 gives the base) or, without a base, the

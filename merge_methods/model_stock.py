@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .registry import KeyContext, Param, merge_method
+from .registry import Compiled, KeyContext, Param, Statistics, merge_method
 from .task_vectors import apply_to_base, task_vectors, unchanged_base
 from .tensors import sum_
 
@@ -193,13 +193,14 @@ def model_stock_raw_merge(models, base, out, ratio, ctx: KeyContext, granularity
     base="required",
     min_models=2,
     takes_weights=False,
-    statistics=model_stock_statistics,
-    statistics_needed=_uses_tensor_statistics,
-    statistics_reveal_nonfinite=True,  # Gᵢᵢ = Σ τᵢ²: NaN/inf in θᵢ or the base makes it NaN/inf
-    merge_from_partial=model_stock_from_partial,
-    raw_statistics=model_stock_raw_statistics,
-    raw_merge=model_stock_raw_merge,
-    needs_block_statistics=lambda params: params["granularity"] == "block",
+    statistics=Statistics(
+        model_stock_statistics,
+        needed=_uses_tensor_statistics,
+        reveal_nonfinite=True,  # Gᵢᵢ = Σ τᵢ²: NaN/inf in θᵢ or the base makes it NaN/inf
+        merge_from_partial=model_stock_from_partial,
+        per_block=lambda params: params["granularity"] == "block",
+    ),
+    compiled=Compiled(statistics=model_stock_raw_statistics, merge=model_stock_raw_merge),
 )
 def model_stock(models, base, ratio, ctx: KeyContext, granularity):
     n = len(models)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .drop import uniform_draws
-from .registry import KeyContext, Param, merge_method
+from .registry import Chunking, KeyContext, Param, Statistics, Variant, merge_method
 from .task_vectors import (
     ELECTION,
     ELECTION_HELP,
@@ -84,7 +84,20 @@ def _combine(taus, election):
     return sum_(taus)
 
 
-def _della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scale, election):
+@merge_method(
+    "della",
+    summary="DELLA: drop entries with probabilities ranked by magnitude per row, rescale, TIES; θ_base + λ·τ*",
+    params=(*DELLA_PARAMS, Param("election", str, "mass", ELECTION_HELP, choices=ELECTION), SCALE),
+    base="required",
+    randomized=True,
+    check=_check_della,
+    chunking=Chunking(whole_1d=True),
+    variants=(
+        Variant("della_linear", summary="DELLA without the sign election: the dropped, rescaled task vectors added up",
+                fixed={"election": None}),
+    ),
+)
+def della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, election, scale):
     _check_della({"density": density, "epsilon": epsilon}, len(models))
     coefficient = ratio * scale
     if coefficient == 0 or density <= 0:
@@ -93,32 +106,6 @@ def _della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scal
     if density < 1:
         della_drop_(taus, ctx, density, epsilon, rescale)
     return apply_to_base(base, _combine(taus, election), coefficient)
-
-
-@merge_method(
-    "della",
-    summary="DELLA: drop entries with probabilities ranked by magnitude per row, rescale, TIES; θ_base + λ·τ*",
-    params=(*DELLA_PARAMS, Param("election", str, "mass", ELECTION_HELP, choices=ELECTION), SCALE),
-    base="required",
-    randomized=True,
-    whole_1d=True,
-    check=_check_della,
-)
-def della(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, election, scale):
-    return _della(models, base, ratio, ctx, density, epsilon, rescale, scale, election)
-
-
-@merge_method(
-    "della_linear",
-    summary="DELLA without the sign election: the dropped, rescaled task vectors added up",
-    params=(*DELLA_PARAMS, SCALE),
-    base="required",
-    randomized=True,
-    whole_1d=True,
-    check=_check_della,
-)
-def della_linear(models, base, ratio, ctx: KeyContext, density, epsilon, rescale, scale):
-    return _della(models, base, ratio, ctx, density, epsilon, rescale, scale, None)
 
 
 # ---- Model Breadcrumbs --------------------------------------------------------------------------------
@@ -164,29 +151,8 @@ BREADCRUMBS_PARAMS = (
 )
 
 
-def _breadcrumbs(models, base, ratio, ctx: KeyContext, density, gamma, scale, election):
-    coefficient = ratio * scale
-    if coefficient == 0:
-        return unchanged_base(base, ctx)
-    taus = task_vectors(models, base, ctx)
-    for tau in taus:
-        breadcrumbs_prune_(tau, density, gamma)
-    return apply_to_base(base, _combine(taus, election), coefficient)
-
-
 def _untouched(params) -> bool:
     return params["density"] >= 1  # nothing is cut: the method is elementwise
-
-
-@merge_method(
-    "breadcrumbs",
-    summary="Model Breadcrumbs: drop the largest γ and the smallest entries of each task vector, then add them",
-    params=(*BREADCRUMBS_PARAMS, SCALE),
-    base="required",
-    elementwise=_untouched,
-)
-def breadcrumbs(models, base, ratio, ctx: KeyContext, density, gamma, scale):
-    return _breadcrumbs(models, base, ratio, ctx, density, gamma, scale, None)
 
 
 @merge_method(
@@ -194,10 +160,20 @@ def breadcrumbs(models, base, ratio, ctx: KeyContext, density, gamma, scale):
     summary="Model Breadcrumbs, then the TIES sign election and disjoint mean",
     params=(*BREADCRUMBS_PARAMS, Param("election", str, "mass", ELECTION_HELP, choices=ELECTION), SCALE),
     base="required",
-    elementwise=_untouched,
+    chunking=Chunking(split_rows=_untouched),
+    variants=(
+        Variant("breadcrumbs", summary="Model Breadcrumbs: drop the largest γ and the smallest entries of each task "
+                                       "vector, then add them", fixed={"election": None}),
+    ),
 )
 def breadcrumbs_ties(models, base, ratio, ctx: KeyContext, density, gamma, election, scale):
-    return _breadcrumbs(models, base, ratio, ctx, density, gamma, scale, election)
+    coefficient = ratio * scale
+    if coefficient == 0:
+        return unchanged_base(base, ctx)
+    taus = task_vectors(models, base, ctx)
+    for tau in taus:
+        breadcrumbs_prune_(tau, density, gamma)
+    return apply_to_base(base, _combine(taus, election), coefficient)
 
 
 # ---- SCE ---------------------------------------------------------------------------------------------
@@ -240,8 +216,8 @@ def sce_statistics(models, base, ctx: KeyContext, select_topk, scale):
         SCALE,
     ),
     base="required",
-    elementwise=lambda params: params["select_topk"] >= 1,
-    statistics=sce_statistics,
+    chunking=Chunking(split_rows=lambda params: params["select_topk"] >= 1),
+    statistics=Statistics(sce_statistics),
 )
 def sce(models, base, ratio, ctx: KeyContext, select_topk, scale):
     """τ* = Σ cᵢ·mᵢ·τᵢ / Σ cᵢ·mᵢ with cᵢ = ‖τᵢ‖² / Σⱼ‖τⱼ‖² (the normalised mean squares of the selected task

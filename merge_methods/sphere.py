@@ -20,7 +20,7 @@ import torch
 
 from .basic import SLERP_COLINEAR_EPS
 from .model_stock import gram
-from .registry import KeyContext, Param, merge_method
+from .registry import Chunking, KeyContext, Param, Statistics, merge_method
 from .task_vectors import task_vectors
 from .tensors import linear_combination, rows_of
 
@@ -93,7 +93,7 @@ def multislerp_coefficients(g: torch.Tensor, weights) -> torch.Tensor | None:
     base="optional",
     min_models=2,
     nonnegative_weights=True,
-    statistics=gram_statistics,
+    statistics=Statistics(gram_statistics),
 )
 def multislerp(models, base, ratio, ctx: KeyContext):
     weights = interpolation_weights(ctx, len(models), ratio, "multislerp")
@@ -159,7 +159,7 @@ def karcher_coefficients(g: torch.Tensor, weights, max_iter: int, tol: float) ->
     ),
     min_models=2,
     nonnegative_weights=True,
-    statistics=gram_statistics,
+    statistics=Statistics(gram_statistics),
 )
 def karcher(models, base, ratio, ctx: KeyContext, max_iter, tol):
     weights = interpolation_weights(ctx, len(models), ratio, "karcher")
@@ -224,9 +224,8 @@ def _nuslerp_needs_statistics(params, shape) -> bool:
     min_models=2,
     max_models=2,
     takes_weights=False,
-    whole_1d=True,
-    statistics=nuslerp_statistics,
-    statistics_needed=_nuslerp_needs_statistics,
+    chunking=Chunking(whole_1d=True),
+    statistics=Statistics(nuslerp_statistics, needed=_nuslerp_needs_statistics),
 )
 def nuslerp(models, base, ratio, ctx: KeyContext, granularity):
     """t = α_b: α_b = 0 gives the first model, 1 the second (with a base too: base + slerp of the task

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .registry import KeyContext, Param, merge_method
+from .registry import Compiled, KeyContext, Param, Statistics, Variant, merge_method
 from .tensors import sum_
 
 SCALE = Param("scale", float, 1.0, "λ: multiplies the merged task vector (on top of the block ratio)")
@@ -275,16 +275,6 @@ def task_arithmetic(models, base, ratio, ctx: KeyContext, scale):
     return apply_to_base(base, sum_(task_vectors(models, base, ctx)), coefficient)
 
 
-def _ties(models, base, ratio, ctx: KeyContext, k, scale, election):
-    check_k(k)
-    coefficient = ratio * scale
-    if coefficient == 0 or k == 0:
-        return unchanged_base(base, ctx)
-    taus = task_vectors(models, base, ctx)
-    thresholds = trim_thresholds(ctx, k, len(taus), taus[0].dtype)
-    return apply_to_base(base, ties_merge(taus, k, election, thresholds), coefficient)
-
-
 def ties_statistics(models, base, ctx: KeyContext, k, scale, election):
     return trim_statistics(task_vectors(models, base, ctx), ctx, k)
 
@@ -305,31 +295,21 @@ def trims_tensor(params, shape) -> bool:
         Param("election", str, "mass", ELECTION_HELP, choices=ELECTION),
     ),
     base="required",
-    statistics=ties_statistics,
-    statistics_needed=trims_tensor,
-    statistics_stages=trim_stages,
-    raw_merge=_raw_ties,
+    statistics=Statistics(ties_statistics, needed=trims_tensor, stages=trim_stages),
+    compiled=Compiled(merge=_raw_ties),
+    variants=(
+        Variant("ties_soup", summary="TIES-SOUP: TIES with the count election and no trimming by default (6DammK9)",
+                defaults={"k": 1.0, "election": "count"}),
+    ),
 )
 def ties(models, base, ratio, ctx: KeyContext, k, scale, election):
-    return _ties(models, base, ratio, ctx, k, scale, election)
-
-
-@merge_method(
-    "ties_soup",
-    summary="TIES-SOUP: TIES with the count election and no trimming by default (6DammK9)",
-    params=(
-        Param("k", float, 1.0, DENSITY_HELP, minimum=0.0, maximum=1.0),
-        SCALE,
-        Param("election", str, "count", ELECTION_HELP, choices=ELECTION),
-    ),
-    base="required",
-    statistics=ties_statistics,
-    statistics_needed=trims_tensor,
-    statistics_stages=trim_stages,
-    raw_merge=_raw_ties,
-)
-def ties_soup(models, base, ratio, ctx: KeyContext, k, scale, election):
-    return _ties(models, base, ratio, ctx, k, scale, election)
+    check_k(k)
+    coefficient = ratio * scale
+    if coefficient == 0 or k == 0:
+        return unchanged_base(base, ctx)
+    taus = task_vectors(models, base, ctx)
+    thresholds = trim_thresholds(ctx, k, len(taus), taus[0].dtype)
+    return apply_to_base(base, ties_merge(taus, k, election, thresholds), coefficient)
 
 
 @merge_method(

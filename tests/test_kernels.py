@@ -86,16 +86,18 @@ def test_declines_what_it_does_not_cover():
 
 
 def counting(monkeypatch, name, field):
+    """Count the calls of the method's compiled `field` ("statistics" or "merge") that did not decline."""
     method = M.registry.REGISTRY[name]
     calls = []
-    original = getattr(method, field)
+    original = getattr(method.compiled, field)
 
     def counted(*args, **kwargs):
         result = original(*args, **kwargs)
         calls.append(result is not None)
         return result
 
-    monkeypatch.setitem(M.registry.REGISTRY, name, dataclasses.replace(method, **{field: counted}))
+    compiled = dataclasses.replace(method.compiled, **{field: counted})
+    monkeypatch.setitem(M.registry.REGISTRY, name, dataclasses.replace(method, compiled=compiled))
     return calls
 
 
@@ -106,8 +108,8 @@ def test_the_engine_merges_model_stock_with_the_kernels(sd1_family, monkeypatch)
     recipe = Recipe(models=[str(p) for p in fts], base=str(base), method="model_stock", alpha=0.8)
     monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)  # keys of several slices: statistics first
     monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
-    merges = counting(monkeypatch, "model_stock", "raw_merge")
-    statistics = counting(monkeypatch, "model_stock", "raw_statistics")
+    merges = counting(monkeypatch, "model_stock", "merge")
+    statistics = counting(monkeypatch, "model_stock", "statistics")
     compiled = merge_to_state_dict(recipe).state_dict
     assert sum(merges) > 100 and sum(statistics) > 100
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
@@ -134,7 +136,7 @@ def test_an_fp16_overflow_in_the_kernel_is_the_one_line_error(sd1_family, tmp_pa
         tensors[key].view(-1)[0] -= 64 * index  # not all equal: a defined cosine
         paths.append(tmp_path / f"m{index}.safetensors")
         save_file(tensors, paths[-1])
-    merges = counting(monkeypatch, "model_stock", "raw_merge")
+    merges = counting(monkeypatch, "model_stock", "merge")
     recipe = Recipe(models=[str(p) for p in paths[1:]], base=str(paths[0]), method="model_stock", alpha=2.0)
     with pytest.raises(MergeLabError, match="the merged value is NaN or inf") as info:
         merge_to_state_dict(recipe)
@@ -166,7 +168,7 @@ def test_compiled_ties_soup_and_tsd_are_the_torch_forms_bits(name, params, in_dt
         ctx = KeyContext(key="k.weight", seed=11, shape=(numel + offset,), offset=offset, weights=weights)
         want = method.fn([m.float() for m in models], base.float(), 0.8, ctx, **full).to(out_dtype)
         got = torch.empty(numel, dtype=out_dtype)
-        assert method.raw_merge(models, base, got, 0.8, ctx, **full) is True
+        assert method.compiled.merge(models, base, got, 0.8, ctx, **full) is True
         assert torch.equal(got, want), (offset, int((got != want).sum()))
 
 
@@ -177,7 +179,8 @@ def test_the_ties_kernels_decline_what_they_do_not_cover(name, params):
     method = M.registry.get_method(name)
     models, base = family(2, 100, torch.float16)
     out = torch.empty(100, dtype=torch.float16)
-    assert method.raw_merge(models, base, out, 1.0, KeyContext(shape=(100,)), **method.normalize_params(params)) is None
+    ctx = KeyContext(shape=(100,))
+    assert method.compiled.merge(models, base, out, 1.0, ctx, **method.normalize_params(params)) is None
 
 
 @pytest.mark.parametrize("name", ["ties_soup", "tsd"])
@@ -188,7 +191,7 @@ def test_the_engine_merges_ties_soup_and_tsd_with_the_kernels_to_the_same_bits(n
     recipe = Recipe(models=[str(p) for p in fts], base=str(base), method=name, alpha=0.8, seed=5)
     monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)
     monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
-    merges = counting(monkeypatch, name, "raw_merge")
+    merges = counting(monkeypatch, name, "merge")
     compiled = merge_to_state_dict(recipe).state_dict
     assert sum(merges) > 100
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")

@@ -185,12 +185,16 @@ def test_model_stock_merges_from_the_kept_sum_with_the_same_bits(family, request
 
     def counted(partial, *args, **kwargs):
         calls.append(partial.numel())
-        return method.merge_from_partial(partial, *args, **kwargs)
+        return method.statistics.merge_from_partial(partial, *args, **kwargs)
 
-    monkeypatch.setitem(registry.REGISTRY, "model_stock", dataclasses.replace(method, merge_from_partial=counted))
+    def merging_from_partial(merge_from_partial):
+        statistics = dataclasses.replace(method.statistics, merge_from_partial=merge_from_partial)
+        return dataclasses.replace(method, statistics=statistics)
+
+    monkeypatch.setitem(registry.REGISTRY, "model_stock", merging_from_partial(counted))
     kept = merge_to_state_dict(recipe).state_dict
     assert len(calls) > 100  # one call per slice of the keys of several slices
-    monkeypatch.setitem(registry.REGISTRY, "model_stock", dataclasses.replace(method, merge_from_partial=None))
+    monkeypatch.setitem(registry.REGISTRY, "model_stock", merging_from_partial(None))
     again = merge_to_state_dict(recipe).state_dict
     assert set(kept) == set(again)
     for key in kept:

@@ -374,10 +374,10 @@ def _assign_chunks(plan: MergePlan, tasks: list[KeyTask]) -> None:
 
 def _partial_itemsize(plan: MergePlan, task: KeyTask) -> int:
     """Bytes an element of a unit's kept partial result takes (a merged key whose method gathers statistics
-    and can merge from `merge_from_partial`), else 0."""
+    and can merge from `Statistics.merge_from_partial`), else 0."""
     method = plan.method
-    if task.action != "merge" or method.merge_from_partial is None or not method.needs_statistics(plan.params,
-                                                                                                   task.shape):
+    if (task.action != "merge" or method.statistics.merge_from_partial is None
+            or not method.needs_statistics(plan.params, task.shape)):
         return 0
     return torch.finfo(plan.compute_dtype).bits // 8
 
@@ -732,11 +732,11 @@ class Executor:
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage,
                                       wants_partial=partials is not None)
-            raw = self._raw_slice(plan.method.raw_statistics, raws, rows)
-            part = None if raw is None else plan.method.raw_statistics(*raw, ctx, **plan.params)
+            raw = self._raw_slice(plan.method.compiled.statistics, raws, rows)
+            part = None if raw is None else plan.method.compiled.statistics(*raw, ctx, **plan.params)
             if part is None:
                 models, base = self._convert(task, raws, rows)
-                part = plan.method.statistics(models, base, ctx, **plan.params)
+                part = plan.method.statistics.fn(models, base, ctx, **plan.params)
             if partials is not None:
                 partials.append(part.pop("partial", None))
             add_statistics(sums, part, owned=False)
@@ -788,7 +788,7 @@ class Executor:
             in_memory_stats = (elementwise and stats is None and not whole_slice
                                and method.needs_statistics(plan.params, task.shape))
             # Statistics that turn NaN/inf whenever an input holds one check the inputs for free.
-            optimistic = in_memory_stats and method.statistics_reveal_nonfinite
+            optimistic = in_memory_stats and method.statistics.reveal_nonfinite
             raws = self._read_raw(task, unit.rows, check=not optimistic)
             first_row = unit.rows[0] if unit.rows else 0
             writable = self._owns_converted(raws)
@@ -802,7 +802,7 @@ class Executor:
                 # the method sees only slices: give it the whole tensor's statistics first. (A tensor
                 # merged in one slice needs none: the method sees all of it.) Its partial results are
                 # kept when it can merge from them, unless a NaN/inf policy must rewrite the inputs.
-                partials = [] if method.merge_from_partial is not None and raws.finite else None
+                partials = [] if method.statistics.merge_from_partial is not None and raws.finite else None
                 stats = self._in_memory_statistics(task, raws, first_row, partials)
                 # A statistic that is not finite means an input holds NaN/inf, or the statistic overflowed:
                 # check the inputs, and if they hold any, apply the policy (or raise) slice by slice as for
@@ -818,15 +818,16 @@ class Executor:
                 offset = first_row + (rows[0] if rows else 0)
                 ctx = self._context(task, offset, stats, writable)
                 target = out if rows is None else out[rows[0]:rows[1]]
-                raw = None if partials is not None else self._raw_slice(method.raw_merge, raws, rows)
-                finite = None if raw is None else method.raw_merge(*raw, target, task.ratio, ctx, **plan.params)
+                raw = None if partials is not None else self._raw_slice(method.compiled.merge, raws, rows)
+                finite = None if raw is None else method.compiled.merge(*raw, target, task.ratio, ctx, **plan.params)
                 if finite is not None:  # the compiled form wrote the slice
                     if not finite:
                         self._check_result(target, task)
                     continue
                 if partials is not None:
                     base = self._convert_one(raws[len(plan.models)], rows)
-                    result = method.merge_from_partial(partials[index], base, task.ratio, ctx, **plan.params)
+                    result = method.statistics.merge_from_partial(partials[index], base, task.ratio, ctx,
+                                                                  **plan.params)
                     partials[index] = None  # its memory can go as soon as the slice is written
                     self._check_shape(result, base, task)
                 else:
