@@ -1,4 +1,4 @@
-"""`merge-lab ui`: the same tab served on its own, with previews rendered by diffusers (merge_lab.preview.render)."""
+"""`merge-lab ui`: the same tab served on its own, with previews rendered by diffusers (merge_lab.preview)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 from merge_lab.engine.executor import merge_to_state_dict
 from merge_lab.engine.recipe import Recipe
@@ -20,16 +21,20 @@ ALL_INTERFACES = "0.0.0.0"
 
 
 def _preview_module():
-    """merge_lab.preview.render (the `preview` extra: diffusers, transformers), or a one-line reason it is missing."""
+    """What the backend uses of merge_lab.preview (the `preview` extra: diffusers, transformers): PreviewSettings and
+    SAMPLERS (.settings), render_merge (.pipeline), merged_model_name (.infotext); or a one-line reason it is
+    missing."""
     try:
-        module = importlib.import_module("merge_lab.preview.render")
+        settings, pipeline, infotext = (importlib.import_module(f"merge_lab.preview.{name}")
+                                        for name in ("settings", "pipeline", "infotext"))
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("merge_lab"):
-            return None, "this build of Merge Lab has no preview module (merge_lab.preview.render)"
+            return None, f"this build of Merge Lab has no preview module ({e.name})"
         return None, f"previews need the preview extra (pip install 'merge-lab[preview]'): {e.name} is missing"
-    if not callable(getattr(module, "render_merge", None)):
-        return None, "this build's merge_lab.preview.render has no render_merge()"
-    return module, None
+    if not callable(getattr(pipeline, "render_merge", None)):
+        return None, "this build's merge_lab.preview.pipeline has no render_merge()"
+    return SimpleNamespace(PreviewSettings=settings.PreviewSettings, SAMPLERS=settings.SAMPLERS,
+                           render_merge=pipeline.render_merge, merged_model_name=infotext.merged_model_name), None
 
 
 class StandaloneBackend(FolderBackend):

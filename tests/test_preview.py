@@ -9,18 +9,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_lab.archs.layouts import layout_for
+from merge_lab import archs
+from merge_lab.archs import layout_for
+from merge_lab.archs.detect import Architecture
 from merge_lab.engine.executor import merge_to_state_dict
 from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
-from merge_lab.preview import render as P
+from merge_lab.preview.convert import component_names, convert_state_dict, ignored_keys
 from merge_lab.preview.diffusers_configs import (
-    VARIANTS,
     load_shipped,
     pipeline_configs,
     real_configs,
     write_config_folder,
 )
+from merge_lab.preview.identify import ModelKind, identify
+from merge_lab.preview.infotext import infotext, parse_infotext, read_png_metadata, save_png
+from merge_lab.preview.pipeline import PipelineCache, PreviewPipeline, prepare, render, render_merge
+from merge_lab.preview.settings import PreviewSettings, render_dtype
 from merge_lab.preview.tokenizer import (
     TokenizerMissing,
     clip_tokenizer,
@@ -29,11 +34,11 @@ from merge_lab.preview.tokenizer import (
     vocabulary_from_bpe,
 )
 
+from .helpers import pixels
+
+VARIANTS = archs.preview_variants()
+
 SMALL = dict(steps=2, width=64, height=64, dtype="fp32", device="cpu")
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,7 +67,7 @@ def test_tokenizer_build_is_deterministic(tmp_path):
 def test_missing_tokenizer_says_how_to_build_it(tmp_path, monkeypatch, render_sd1_family):
     monkeypatch.setenv("MERGE_LAB_TOKENIZER_DIR", str(tmp_path / "none"))
     with pytest.raises(TokenizerMissing) as err:
-        P.render(render_sd1_family[0], settings=P.PreviewSettings(**SMALL), cache=P.PipelineCache())
+        render(render_sd1_family[0], settings=PreviewSettings(**SMALL), cache=PipelineCache())
     message = str(err.value)
     assert "\n" not in message and "merge-lab setup-tokenizer" in message and str(tmp_path / "none") in message
 
@@ -110,11 +115,11 @@ def test_shipped_configs_build_exactly_the_real_key_layout(name):
     key set with the same shapes: every real-size checkpoint key lands in a parameter of the right shape."""
     variant = VARIANTS[name]
     layout = layout_for(variant.arch)
-    kind = P.ModelKind(P.Architecture(variant.arch), layout, variant, True)
+    kind = ModelKind(Architecture(variant.arch), layout, variant, True)
     assert kind.is_real_size
-    pipe = P.PreviewPipeline(kind, torch.float32, torch.device("cpu"))
+    pipe = PreviewPipeline(kind, torch.float32, torch.device("cpu"))
     fake = {k: torch.empty(s, device="meta") for k, s in layout.shapes().items()}
-    converted = P.convert_state_dict(fake, layout, pipe.configs, pipe.modules)
+    converted = convert_state_dict(fake, layout, pipe.configs, pipe.modules)
     for component, tensors in converted.items():
         params = pipe.modules[component].state_dict()
         assert set(params) == set(tensors), component
@@ -134,15 +139,15 @@ def test_preview_uses_exactly_the_merged_weights(arch, request):
     base, fts = request.getfixturevalue(f"render_{arch}_family")
     result = merge_to_state_dict(Recipe(models=[str(base), str(fts[0])], alpha=0.3, block={"IN04": 0.9}))
     merged = dict(result.state_dict)
-    cache = P.PipelineCache()
-    images = P.render_merge(result, P.PreviewSettings(**SMALL, prediction="epsilon"), cache=cache)
+    cache = PipelineCache()
+    images = render_merge(result, PreviewSettings(**SMALL, prediction="epsilon"), cache=cache)
     pipe = cache.holding(f"recipe:{result.fingerprint}")
     assert pipe is not None and images[0].size == (64, 64)
     assert pixels(images[0]).std() > 1  # an image, not a constant
 
     # 1. every tensor of every module equals diffusers' conversion of the merged state dict
-    converted = P.convert_state_dict(merged, pipe.layout, pipe.configs, pipe.modules)
-    assert set(converted) == set(P.component_names(pipe.layout))
+    converted = convert_state_dict(merged, pipe.layout, pipe.configs, pipe.modules)
+    assert set(converted) == set(component_names(pipe.layout))
     for name, tensors in converted.items():
         state = pipe.modules[name].state_dict()
         assert set(state) == set(tensors), name
@@ -152,7 +157,7 @@ def test_preview_uses_exactly_the_merged_weights(arch, request):
     # 2. nothing of the merge is left out (independent of the converter): per component, the modules hold
     # the same sum of squares as the merged LDM tensors they come from (conversion only renames, splits
     # and transposes); random data makes a dropped or duplicated key show.
-    ignored = set(P.ignored_keys(pipe.layout))
+    ignored = set(ignored_keys(pipe.layout))
     prefixes = {"unet": ["model.diffusion_model."], "vae": ["first_stage_model."],
                 "text_encoder": [pipe.layout.text_encoders[0].prefix]}
     if arch == "sdxl":
@@ -183,8 +188,8 @@ def test_diffusers_from_single_file_with_our_config_folder_agrees(render_sd1_fam
     folder = write_config_folder(tmp_path / "cfg", layout_for("sd1", width=32), "sd15")
     reference = diffusers.StableDiffusionPipeline.from_single_file(
         str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
-    cache = P.PipelineCache()
-    pipe, _ = P.prepare(path, P.PreviewSettings(**SMALL), cache=cache)
+    cache = PipelineCache()
+    pipe, _ = prepare(path, PreviewSettings(**SMALL), cache=cache)
     for name, module in pipe.modules.items():
         ours, theirs = module.state_dict(), getattr(reference, name).state_dict()
         assert set(ours) == set(theirs), name
@@ -193,16 +198,16 @@ def test_diffusers_from_single_file_with_our_config_folder_agrees(render_sd1_fam
 
 def test_render_is_deterministic_and_follows_the_weights(render_sd1_family):
     _, (ft1, ft2) = render_sd1_family
-    cache = P.PipelineCache()
-    settings = P.PreviewSettings(**SMALL, seed=3)
-    a1 = P.render(ft1, settings=settings, cache=cache)[0]
-    a2 = P.render(ft1, settings=settings, cache=cache)[0]
+    cache = PipelineCache()
+    settings = PreviewSettings(**SMALL, seed=3)
+    a1 = render(ft1, settings=settings, cache=cache)[0]
+    a2 = render(ft1, settings=settings, cache=cache)[0]
     assert cache.loads == 1 and cache.builds == 1  # same file: the loaded weights are reused
-    b = P.render(ft2, settings=settings, cache=cache)[0]
+    b = render(ft2, settings=settings, cache=cache)[0]
     assert cache.loads == 2 and cache.builds == 1  # same architecture: only the weights change
     assert np.array_equal(pixels(a1), pixels(a2))
     assert not np.array_equal(pixels(a1), pixels(b))
-    other_seed = P.render(ft1, settings=P.PreviewSettings(**{**SMALL, "seed": 4}), cache=cache)[0]
+    other_seed = render(ft1, settings=PreviewSettings(**{**SMALL, "seed": 4}), cache=cache)[0]
     assert not np.array_equal(pixels(a1), pixels(other_seed))
 
 
@@ -222,7 +227,7 @@ def test_in_memory_and_file_renders_are_identical(render_sd1_family, tmp_path, c
     mem, file = tmp_path / "mem" / "m-s11.png", tmp_path / "file" / "m-s11.png"
     assert str(mem) in text and str(file) in text
     assert np.array_equal(pixels(Image.open(mem)), pixels(Image.open(file)))
-    meta_mem, meta_file = P.read_png_metadata(mem), P.read_png_metadata(file)
+    meta_mem, meta_file = read_png_metadata(mem), read_png_metadata(file)
     autov2 = text.split("AutoV2 ")[1].split()[0]
     assert meta_mem["fields"]["Model hash"] == meta_file["fields"]["Model hash"] == autov2
     assert meta_mem["recipe"] == meta_file["recipe"]  # the file's stored recipe
@@ -242,53 +247,83 @@ def test_preview_command_merges_in_memory_without_saving(render_sd1_family, tmp_
     files = sorted(p.name for p in (tmp_path / "previews").iterdir())
     assert len(files) == 2 and files[0].endswith("-s5.png") and files[1].endswith("-s6.png")
     assert not list(tmp_path.glob("*.safetensors"))
-    meta = P.read_png_metadata(tmp_path / "previews" / files[1])
+    meta = read_png_metadata(tmp_path / "previews" / files[1])
     assert meta["fields"]["Seed"] == "6" and meta["fields"]["Sampler"] == "DPM++ 2M Karras"
     assert meta["fields"]["Model"].startswith("merged-weighted_sum-") and "recipe hash" in out
 
 
+# Each sampler's diffusers scheduler, its web-UI name, and the options that make it that sampler (written here
+# independently of preview.SAMPLERS).
+SAMPLER_SCHEDULERS = {
+    "euler": ("Euler", "EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "euler_a": ("Euler a", "EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPM++ 2M", "DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "ddim": ("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    "pndm": ("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
+    "heun": ("Heun", "HeunDiscreteScheduler", {}),
+    "lms": ("LMS", "LMSDiscreteScheduler", {}),
+}
+# SD 1.5's released schedule (its scheduler_config.json), which every sampler keeps.
+SD15_SCHEDULE = {"prediction_type": "epsilon", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "timestep_spacing": "leading",
+                 "steps_offset": 1}
+
+
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "ddim", "pndm", "unipc", "heun", "lms"])
 def test_samplers_render(render_sd1_family, sampler):
-    image = P.render(render_sd1_family[1][0], settings=P.PreviewSettings(**SMALL, sampler=sampler))[0]
+    settings = PreviewSettings(**SMALL, sampler=sampler)
+    image = render(render_sd1_family[1][0], settings=settings)[0]
     assert pixels(image).std() > 1
+    label, class_name, options = SAMPLER_SCHEDULERS[sampler]
+    assert f"Sampler: {label}," in image.info["parameters"]
+    pipe, _ = prepare(render_sd1_family[1][0], settings)  # the cached pipeline that rendered it
+    scheduler = pipe.pipe.scheduler
+    assert type(scheduler).__name__ == class_name
+    config = dict(scheduler.config)
+    assert {k: config.get(k) for k in (*SD15_SCHEDULE, *options)} == {**SD15_SCHEDULE, **options}
+    # the steps asked for, "leading" from 1000 (the last training step 999 would be "trailing")
+    timesteps = sorted({int(t) for t in scheduler.timesteps})
+    assert len(timesteps) == SMALL["steps"] and timesteps[-1] < 999 and timesteps[0] >= 1
 
 
 def test_sdxl_renders_in_bf16(render_sdxl_family):
-    settings = P.PreviewSettings(**{**SMALL, "dtype": "bf16", "width": 32, "height": 32})  # bf16 is slow on CPU
-    image = P.render(render_sdxl_family[1][0], settings=settings, cache=P.PipelineCache())[0]
+    settings = PreviewSettings(**{**SMALL, "dtype": "bf16", "width": 32, "height": 32})  # bf16 is slow on CPU
+    image = render(render_sdxl_family[1][0], settings=settings, cache=PipelineCache())[0]
     assert image.size == (32, 32) and pixels(image).std() > 1
 
 
 def test_auto_dtype_keeps_real_sdxl_within_memory():
     cpu = torch.device("cpu")
-    n_sdxl = P.ModelKind(P.Architecture("sdxl"), layout_for("sdxl"), VARIANTS["sdxl-base"], True).n_params
-    n_sd1 = P.ModelKind(P.Architecture("sd1"), layout_for("sd1"), VARIANTS["sd15"], True).n_params
+    n_sdxl = ModelKind(Architecture("sdxl"), layout_for("sdxl"), VARIANTS["sdxl-base"], True).n_params
+    n_sd1 = ModelKind(Architecture("sd1"), layout_for("sd1"), VARIANTS["sd15"], True).n_params
     assert 3.4e9 < n_sdxl < 3.5e9 and 1.0e9 < n_sd1 < 1.1e9
-    assert P.render_dtype("auto", cpu, n_sdxl) == torch.bfloat16  # 6.9 GB instead of 13.9 GB
-    assert P.render_dtype("auto", cpu, n_sd1) == torch.float32
-    assert P.render_dtype("auto", torch.device("cuda"), n_sd1) == torch.float16
-    assert P.render_dtype("fp32", cpu, n_sdxl) == torch.float32
+    assert render_dtype("auto", cpu, n_sdxl) == torch.bfloat16  # 6.9 GB instead of 13.9 GB
+    assert render_dtype("auto", cpu, n_sd1) == torch.float32
+    assert render_dtype("auto", torch.device("cuda"), n_sd1) == torch.float16
+    assert render_dtype("fp32", cpu, n_sdxl) == torch.float32
 
 
 def test_sd2_prediction_follows_metadata_else_the_web_ui_test(render_sd2_family, monkeypatch):
     path = render_sd2_family[1][0]
     shapes = {k: tuple(v.shape) for k, v in load_file(path).items()}
-    assert P.identify(shapes, {"modelspec.prediction_type": "v"}).variant.name == "sd2-768-v"
-    assert P.identify(shapes, {"modelspec.prediction_type": "epsilon"}).variant.name == "sd2-base"
-    assert P.identify(shapes, {}, "epsilon").variant.name == "sd2-base"
-    assert not P.identify(shapes, {}).prediction_known
+    assert identify(shapes, {"modelspec.prediction_type": "v"}).variant.name == "sd2-768-v"
+    assert identify(shapes, {"modelspec.prediction_type": "epsilon"}).variant.name == "sd2-base"
+    assert identify(shapes, {}, "epsilon").variant.name == "sd2-base"
+    assert not identify(shapes, {}).prediction_known
     calls = []
-    monkeypatch.setattr(P.PreviewPipeline, "guess_v_prediction", lambda self: calls.append(1) or False)
-    cache = P.PipelineCache()
-    pipe, _ = P.prepare(path, P.PreviewSettings(**SMALL), cache=cache)
+    monkeypatch.setattr(PreviewPipeline, "guess_v_prediction", lambda self: calls.append(1) or False)
+    cache = PipelineCache()
+    pipe, _ = prepare(path, PreviewSettings(**SMALL), cache=cache)
     assert calls == [1] and pipe.variant.name == "sd2-base"
 
 
 def test_v_prediction_of_other_architectures(render_sdxl_family):
     shapes = {k: tuple(v.shape) for k, v in load_file(render_sdxl_family[0]).items()}
-    assert P.identify(shapes, {}).variant.prediction_type == "epsilon"
-    assert P.identify(shapes, {"modelspec.prediction_type": "v"}).variant.prediction_type == "v_prediction"
-    assert P.identify(shapes, {}, "v_prediction").variant.prediction_type == "v_prediction"
+    assert identify(shapes, {}).variant.prediction_type == "epsilon"
+    assert identify(shapes, {"modelspec.prediction_type": "v"}).variant.prediction_type == "v_prediction"
+    assert identify(shapes, {}, "v_prediction").variant.prediction_type == "v_prediction"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,16 +333,16 @@ def test_v_prediction_of_other_architectures(render_sdxl_family):
 def test_unrenderable_models_are_refused_clearly(sd1_family, render_sd1_family, tmp_path):
     # The merge tests' models have a 256-token vocabulary.
     with pytest.raises(MergeLabError, match="49408") as err:
-        P.render(sd1_family[0], settings=P.PreviewSettings(**SMALL))
+        render(sd1_family[0], settings=PreviewSettings(**SMALL))
     assert "\n" not in str(err.value) and str(sd1_family[0]) in str(err.value)
     state = load_file(render_sd1_family[0])
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3, dtype=torch.float16)
     with pytest.raises(MergeLabError, match="inpaint"):
-        P.render(state, settings=P.PreviewSettings(**SMALL))
+        render(state, settings=PreviewSettings(**SMALL))
     state = load_file(render_sd1_family[0])
     del state["first_stage_model.decoder.conv_out.weight"]
     with pytest.raises(MergeLabError, match=r"decoder\.conv_out\.weight"):
-        P.render(state, settings=P.PreviewSettings(**SMALL))
+        render(state, settings=PreviewSettings(**SMALL))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -316,18 +351,18 @@ def test_unrenderable_models_are_refused_clearly(sd1_family, render_sd1_family, 
     ({"device": "tpu"}, "device"), ({"prediction": "x"}, "prediction")])
 def test_bad_settings(change, message):
     with pytest.raises(MergeLabError, match=message):
-        P.PreviewSettings(**change).validate()
+        PreviewSettings(**change).validate()
 
 
 def test_render_with_consumed_state_dict_needs_loaded_weights(render_sd1_family):
     result = merge_to_state_dict(Recipe(models=[str(p) for p in render_sd1_family[1]], alpha=0.5))
-    cache = P.PipelineCache()
-    P.render_merge(result, P.PreviewSettings(**SMALL), consume=True, cache=cache)
+    cache = PipelineCache()
+    render_merge(result, PreviewSettings(**SMALL), consume=True, cache=cache)
     assert not any(k.startswith("model.diffusion_model.") for k in result.state_dict)  # consumed
-    P.render_merge(result, P.PreviewSettings(**SMALL, seed=9), cache=cache)  # served by the loaded weights
+    render_merge(result, PreviewSettings(**SMALL, seed=9), cache=cache)  # served by the loaded weights
     cache.release_weights()
     with pytest.raises(MergeLabError, match="consumed"):
-        P.render_merge(result, P.PreviewSettings(**SMALL), cache=cache)
+        render_merge(result, PreviewSettings(**SMALL), cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,11 +372,11 @@ def test_render_with_consumed_state_dict_needs_loaded_weights(render_sd1_family)
 def test_png_metadata_round_trip(render_sd1_family, tmp_path):
     result = merge_to_state_dict(Recipe(models=[str(p) for p in render_sd1_family[1]], alpha=0.25,
                                         block={"M00": 1.0}))
-    settings = P.PreviewSettings(**SMALL, seed=42, prompt="a cat, sitting: on a mat\nsecond line 東京",
-                                 negative_prompt="blurry, lowres", cfg_scale=5.5, sampler="dpmpp_2m")
-    image = P.render_merge(result, settings, cache=P.PipelineCache())[0]
-    path = P.save_png(image, tmp_path / "x.png")
-    meta = P.read_png_metadata(path)
+    settings = PreviewSettings(**SMALL, seed=42, prompt="a cat, sitting: on a mat\nsecond line 東京",
+                               negative_prompt="blurry, lowres", cfg_scale=5.5, sampler="dpmpp_2m")
+    image = render_merge(result, settings, cache=PipelineCache())[0]
+    path = save_png(image, tmp_path / "x.png")
+    meta = read_png_metadata(path)
     assert meta["parameters"] == image.info["parameters"]
     f = meta["fields"]
     assert f["Prompt"] == settings.prompt and f["Negative prompt"] == "blurry, lowres"
@@ -357,9 +392,9 @@ def test_png_metadata_round_trip(render_sd1_family, tmp_path):
 
 
 def test_infotext_quotes_values_with_commas():
-    text = P.infotext(P.PreviewSettings(width=64, height=64), "name, with comma", "abc")
+    text = infotext(PreviewSettings(width=64, height=64), "name, with comma", "abc")
     assert 'Model: "name, with comma"' in text
-    assert P.parse_infotext(text)["Model"] == "name, with comma"
+    assert parse_infotext(text)["Model"] == "name, with comma"
 
 
 def test_pipeline_configs_of_tiny_models_come_from_the_layout():

@@ -15,7 +15,9 @@ from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeLabError
 from merge_lab.plot.grid import draw_grid
 from merge_lab.plot.xyz import parse_axis, run_xyz
-from merge_lab.preview import render as P
+from merge_lab.preview.infotext import read_png_metadata
+from merge_lab.preview.pipeline import PipelineCache, render_merge
+from merge_lab.preview.settings import PreviewSettings
 
 from .helpers import pixels
 
@@ -46,9 +48,9 @@ class CountingMerge:
 
 def _run(family, tmp_path, x, y=None, z=None, **settings):
     _, (ft1, ft2) = family
-    cache = P.PipelineCache()
+    cache = PipelineCache()
     counting = CountingMerge(cache)
-    result = run_xyz(Recipe(models=[str(ft1), str(ft2)]), P.PreviewSettings(**{**SMALL, **settings}), tmp_path,
+    result = run_xyz(Recipe(models=[str(ft1), str(ft2)]), PreviewSettings(**{**SMALL, **settings}), tmp_path,
                      x=parse_axis(x), y=parse_axis(y) if y else None, z=parse_axis(z) if z else None,
                      progress=False, cache=cache, merge=counting)
     return result, counting
@@ -103,10 +105,10 @@ def test_2x2_grid_of_distinct_recipes(render_sd1_family, tmp_path):
     arrays = [pixels(im) for im in images.values()]
     assert all(not np.array_equal(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
     cell = next(c for c in result.cells if c.index == (0, 1, 0))  # alpha 0.2, IN04 1
-    direct = P.render_merge(merge_to_state_dict(cell.recipe), P.PreviewSettings(**SMALL, seed=5),
-                            cache=P.PipelineCache())[0]
+    direct = render_merge(merge_to_state_dict(cell.recipe), PreviewSettings(**SMALL, seed=5),
+                          cache=PipelineCache())[0]
     assert np.array_equal(pixels(direct), pixels(images[(0, 1, 0)]))
-    assert P.read_png_metadata(tmp_path / cell.image)["fields"]["Merge recipe hash"] == cell.fingerprint
+    assert read_png_metadata(tmp_path / cell.image)["fields"]["Merge recipe hash"] == cell.fingerprint
 
     # the grid: its size, and each cell region shows the cell's image (scaled x2 to 128 px, nearest)
     grid = Image.open(result.grids[0])
@@ -154,14 +156,14 @@ def test_bad_cells_fail_before_any_merge(render_sd1_family, tmp_path):
     _, (ft1, ft2) = render_sd1_family
     calls = []
     with pytest.raises(MergeLabError, match=r"xyz cell \(alpha: 5\).*outside") as err:
-        run_xyz(Recipe(models=[str(ft1), str(ft2)]), P.PreviewSettings(**SMALL), tmp_path,
+        run_xyz(Recipe(models=[str(ft1), str(ft2)]), PreviewSettings(**SMALL), tmp_path,
                 x=parse_axis("alpha=0.5,5"), progress=False, merge=lambda r: calls.append(r))
     assert calls == [] and "\n" not in str(err.value)
     with pytest.raises(MergeLabError, match="IN99"):
-        run_xyz(Recipe(models=[str(ft1), str(ft2)]), P.PreviewSettings(**SMALL), tmp_path,
+        run_xyz(Recipe(models=[str(ft1), str(ft2)]), PreviewSettings(**SMALL), tmp_path,
                 x=parse_axis("block:IN99=0.5"), progress=False, merge=lambda r: calls.append(r))
     with pytest.raises(MergeLabError, match="steps"):
-        run_xyz(Recipe(models=[str(ft1), str(ft2)]), P.PreviewSettings(**SMALL), tmp_path,
+        run_xyz(Recipe(models=[str(ft1), str(ft2)]), PreviewSettings(**SMALL), tmp_path,
                 x=parse_axis("steps=2,0"), progress=False, merge=lambda r: calls.append(r))
     assert calls == []
 

@@ -86,7 +86,7 @@ def _float(name: str, value: str) -> float:
 
 def add_render_arguments(p: argparse.ArgumentParser, *, seed_axis_note: bool = False) -> None:
     """The image options shared by `preview`, `merge --preview` and `xyz` (defaults: PreviewSettings')."""
-    from merge_lab.preview.render import DTYPE_CHOICES, PREDICTION_CHOICES, SAMPLERS, PreviewSettings
+    from merge_lab.preview.settings import DTYPE_CHOICES, PREDICTION_CHOICES, SAMPLERS, PreviewSettings
 
     d = PreviewSettings()
     g = p.add_argument_group("preview images")
@@ -115,7 +115,7 @@ def add_render_arguments(p: argparse.ArgumentParser, *, seed_axis_note: bool = F
 
 
 def settings_from_args(args):
-    from merge_lab.preview.render import PreviewSettings
+    from merge_lab.preview.settings import PreviewSettings
 
     settings = PreviewSettings(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.image_seed,
                                steps=args.steps, width=args.width, height=args.height, sampler=args.sampler,

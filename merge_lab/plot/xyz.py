@@ -198,7 +198,7 @@ def parse_axis(spec: str, where: str = "axis") -> Axis:
             models = [m.strip() for m in part.split(",") if m.strip()]
             values.append(models)
         elif kind == "sampler":
-            from merge_lab.preview.render import find_sampler
+            from merge_lab.preview.settings import find_sampler
 
             values.append(find_sampler(part).name)
         else:
@@ -275,13 +275,9 @@ def run_xyz(recipe: Recipe, settings, out_dir: str | os.PathLike, *, x: Axis | N
 
     from merge_lab.engine.executor import merge_to_state_dict
     from merge_lab.plot.grid import draw_grid
-    from merge_lab.preview.render import (
-        PreviewSettings,
-        default_cache,
-        merged_model_name,
-        render_merge,
-        save_png,
-    )
+    from merge_lab.preview.infotext import merged_model_name, save_png
+    from merge_lab.preview.pipeline import default_cache, render_merge
+    from merge_lab.preview.settings import PreviewSettings
 
     start = time.perf_counter()
     if x is None and (y is not None or z is not None):

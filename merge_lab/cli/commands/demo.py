@@ -106,7 +106,7 @@ def demo_previews(root: Path, models_dir: Path, out_dir: Path, *, progress: bool
     pipeline renders the merged weights and how the image moves with the ratio."""
     from merge_lab.cli.commands.preview import save_previews
     from merge_lab.plot.xyz import parse_axis, run_xyz
-    from merge_lab.preview.render import PreviewSettings
+    from merge_lab.preview.settings import PreviewSettings
     from merge_lab.preview.tokenizer import vocabulary_files
 
     vocabulary_files()  # a clear one-line error (how to build it) before any work

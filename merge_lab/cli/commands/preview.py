@@ -13,7 +13,8 @@ from merge_lab.errors import RecipeError
 
 def save_previews(source, settings, folder: Path) -> list[Path]:
     """Render `source` (a MergeResult or a checkpoint path) and save PNGs with their metadata into `folder`."""
-    from merge_lab.preview.render import image_file_name, parse_infotext, render, render_merge, save_png
+    from merge_lab.preview.infotext import image_file_name, parse_infotext, save_png
+    from merge_lab.preview.pipeline import render, render_merge
 
     start = time.perf_counter()
     if isinstance(source, (str, Path)):
