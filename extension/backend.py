@@ -1,8 +1,8 @@
 """What the tab needs from the place it runs in: the model list, where outputs go, and how to preview.
 
 Two implementations: :class:`StandaloneBackend` (``merge-lab ui``: model folders given on the command line,
-previews rendered with diffusers) and ``host.HostBackend`` (inside AUTOMATIC1111 / Forge / reForge: the host's
-model list, the merged weights loaded into the running model, previews from the host's own txt2img).
+previews rendered with diffusers) and ``host_backend.HostBackend`` (inside AUTOMATIC1111 / Forge / reForge:
+the host's model list, the merged weights loaded into the running model, previews from the host's own txt2img).
 """
 
 from __future__ import annotations

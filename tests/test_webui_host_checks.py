@@ -179,7 +179,7 @@ def test_xyz_axes_with_a_recipe_without_alpha(a1111):
 
 def test_xyz_method_axis_moves_alpha_with_the_method_unless_it_was_set():
     from merge_lab.engine.recipe import Recipe
-    from merge_lab_extension.host import apply_overrides
+    from merge_lab_extension.xyz_axes import apply_overrides
 
     tab_default = Recipe(models=["a", "b"], base="c", method="multislerp", alpha=0.5)  # the slider's default
     assert apply_overrides(tab_default, {"method": "ties"}).effective_alpha() == 1.0
