@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import merge_lab_methods as methods
-from merge_lab.archs.detect import ARCH_NAMES, detect
-from merge_lab.archs.layouts import current_key_name
+from merge_lab import archs
+from merge_lab.archs import current_key_name
+from merge_lab.archs.detect import detect
 from merge_lab.engine.executor import merge_to_file
 from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import MergeCancelled, MergeLabError, RecipeError
@@ -26,10 +27,8 @@ from . import analysis_view
 from .backend import Backend, PreviewSettings
 from .compat import update
 from .form import (
-    BLOCK_FIELDS,
     DEFAULT_ARCH,
     NO_BASE,
-    SLIDER_BLOCKS,
     block_field,
     default_alpha,
     form_from_record,
@@ -37,6 +36,7 @@ from .form import (
     preset_slider_values,
     recipe_from_form,
     recipe_json,
+    slider_blocks,
     slider_values_from_text,
     values_text,
     visible_blocks,
@@ -45,8 +45,9 @@ from .model_catalog import recipe_sources
 
 GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=...)
 
-# The form fields every recipe-building handler reads, in this order (the method parameters follow).
-RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", *BLOCK_FIELDS, "extra_blocks", "arch",
+# The form fields every recipe-building handler reads, in this order: these, the block sliders of every
+# registered architecture after "use_blocks", then the method parameters (TabController.recipe_fields).
+RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", "extra_blocks", "arch",
                  "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite"]
 SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
 PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
@@ -61,11 +62,15 @@ class TabController:
         self.backend = backend
         self.widgets = param_widgets()
         self.param_fields = [w.field for w in self.widgets]
+        # the sliders of the architectures registered when the tab is built
+        self.slider_blocks = slider_blocks()
+        self.block_fields = [block_field(b) for b in self.slider_blocks]
 
     # ---- helpers -------------------------------------------------------------------------------------
     @property
     def recipe_fields(self) -> list[str]:
-        return [*RECIPE_FIELDS, *self.param_fields]
+        cut = RECIPE_FIELDS.index("use_blocks") + 1
+        return [*RECIPE_FIELDS[:cut], *self.block_fields, *RECIPE_FIELDS[cut:], *self.param_fields]
 
     def method_names(self) -> list[str]:
         return methods.method_names()
@@ -147,15 +152,15 @@ class TabController:
                 header = read_header_any(path, current_key_name)
                 detected = detect(header.tensors, header.metadata, path)
                 arch = detected.arch
-                label = f"architecture: {ARCH_NAMES[arch]}" + (
+                label = f"architecture: {archs.get(arch).title}" + (
                     f" ({', '.join(detected.variants)})" if detected.variants else "")
             except MergeLabError as e:
                 label = f"architecture: unknown ({_one_line(e)})"
         out: dict[str, Any] = {"arch": arch, "arch_info": label}
         shown = set(visible_blocks(arch))
-        for b in SLIDER_BLOCKS:
+        for b in self.slider_blocks:
             out[block_field(b)] = update(visible=b in shown)
-        values = dict(zip(SLIDER_BLOCKS, slider_values))
+        values = dict(zip(self.slider_blocks, slider_values))
         out["mbw_text"] = values_text([float(values[b]) for b in visible_blocks(arch)]) if values else ""
         return out
 
@@ -187,7 +192,7 @@ class TabController:
         return out
 
     def sliders_moved(self, arch: str, *slider_values: float) -> dict[str, Any]:
-        values = dict(zip(SLIDER_BLOCKS, slider_values))
+        values = dict(zip(self.slider_blocks, slider_values))
         return {"mbw_text": values_text([float(values[b]) for b in visible_blocks(arch)])}
 
     # ---- analysis -----------------------------------------------------------------------------------------
@@ -326,7 +331,7 @@ class TabController:
         out["method_info"] = self.method_changed(method.name)["method_info"]
         arch = values.get("arch", DEFAULT_ARCH)
         shown = set(visible_blocks(arch))
-        for b in SLIDER_BLOCKS:
+        for b in self.slider_blocks:
             field = block_field(b)
             out[field] = update(visible=b in shown, **({"value": values[field]} if field in values else {}))
         out["status"] = f"recipe loaded from {source}" + (f" — {'; '.join(notes)}" if notes else "")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import merge_lab_methods as methods
+from merge_lab import archs
 from merge_lab.archs.blocks import all_blocks, extra_blocks, main_blocks, parse_values
 from merge_lab.engine.recipe import (
     DTYPE_CHOICES,
@@ -25,18 +26,39 @@ from merge_lab.engine.recipe import (
 )
 from merge_lab.errors import RecipeError
 
-ARCHES = ("sd1", "sd2", "sdxl")
-SLIDER_BLOCKS = main_blocks("sd1")  # the 26 main blocks; SDXL shows the 20 of them it has
 AUTO = "auto"
 NO_BASE = "(none)"
-DEFAULT_ARCH = "sd1"
+DEFAULT_ARCH = "sd1"  # the sliders shown before any model is chosen
 
 
 def block_field(block: str) -> str:
     return f"block_{block}"
 
 
-BLOCK_FIELDS = [block_field(b) for b in SLIDER_BLOCKS]
+def slider_columns() -> tuple[list[str], list[str], list[str]]:
+    """The tab's three columns of block sliders: every registered architecture's main blocks (SD1's 26 hold
+    SDXL's 20), each architecture showing only its own."""
+    columns: tuple[list[str], list[str], list[str]] = ([], [], [])
+    for spec in archs.specs():
+        for column, blocks in zip(columns, spec.columns):
+            column += [b for b in blocks if b not in column]
+    return columns
+
+
+def slider_blocks() -> list[str]:
+    """Every block that has a slider, in the registry's order of main blocks (SD1's 26 first)."""
+    out: list[str] = []
+    for spec in archs.specs():
+        out += [b for b in spec.main_blocks if b not in out]
+    return out
+
+
+def block_fields() -> list[str]:
+    return [block_field(b) for b in slider_blocks()]
+
+
+def known_arch(arch: str | None) -> str:
+    return arch if arch in archs.names() else DEFAULT_ARCH
 
 
 @dataclass(frozen=True)
@@ -112,7 +134,7 @@ def default_alpha(method_name: str) -> float:
 # --------------------------------------------------------------------------------------------------
 
 def visible_blocks(arch: str | None) -> list[str]:
-    return main_blocks(arch if arch in ARCHES else DEFAULT_ARCH)
+    return main_blocks(known_arch(arch))
 
 
 def values_text(values: list[float]) -> str:
@@ -132,7 +154,7 @@ def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[s
     """{block: ratio} for the arch's main blocks from a 26/20 (or 25/19 without BASE) value string."""
     from merge_lab.archs.blocks import resolve_ratios
 
-    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    arch = known_arch(arch)
     values = parse_values(text)
     ratios = resolve_ratios(arch, alpha, values)
     return {b: ratios[b] for b in main_blocks(arch)}
@@ -141,14 +163,14 @@ def slider_values_from_text(text: str, arch: str | None, alpha: float) -> dict[s
 def preset_slider_values(name: str, arch: str | None) -> dict[str, float]:
     from merge_lab.archs.presets import preset_values
 
-    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    arch = known_arch(arch)
     values = preset_values(name, arch)
     return dict(zip(main_blocks(arch), values))
 
 
 def parse_named_blocks(text: str, arch: str | None) -> dict[str, float]:
     """'TIME=0.3, VAE=0' -> {'TIME': 0.3, 'VAE': 0.0}; names checked against the arch's blocks."""
-    arch = arch if arch in ARCHES else DEFAULT_ARCH
+    arch = known_arch(arch)
     out: dict[str, float] = {}
     for part in (text or "").replace("\n", ",").split(","):
         part = part.strip()
@@ -212,7 +234,7 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
     base = None
     if method.base != "never" and base_name and base_name != NO_BASE:
         base = resolve(base_name)
-    arch = form.get("arch") if form.get("arch") in ARCHES else DEFAULT_ARCH
+    arch = known_arch(form.get("arch"))
     # no α at all (a caller that builds the form itself): the method's default, as in a recipe file
     alpha = None if form.get("alpha") is None else _number(form, "alpha", "the global ratio α")
     blocks = None
@@ -317,7 +339,7 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
         alpha = None
     values["alpha"] = float(method.default_ratio if alpha is None else alpha)
     ratios = record.get("ratios") or {}
-    arch = _arch_of_ratios(ratios)
+    arch = record.get("arch") if record.get("arch") in archs.names() else _arch_of_ratios(ratios)
     if arch:
         values["arch"] = arch
     blocks_given = record.get("blocks") not in (None, "")
@@ -351,11 +373,16 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
 
 
 def _arch_of_ratios(ratios: Mapping[str, Any]) -> str | None:
+    """The architecture whose blocks a record's ratios are: the first that has them all and whose main
+    blocks they all set (SD1's 26 ratios: sd1; SDXL's 20 and TE1/TE2: sdxl), else the smallest that has them."""
     if not ratios:
         return None
-    if "TE1" in ratios or ("IN08" in ratios and "IN09" not in ratios):
-        return "sdxl"
-    return "sd1"
+    names = {str(k).upper() for k in ratios}
+    fits = [s for s in archs.specs() if names <= set(s.all_blocks)]
+    full = [s for s in fits if set(s.main_blocks) <= names]
+    if full:
+        return full[0].name
+    return min(fits, key=lambda s: len(s.all_blocks)).name if fits else None
 
 
 _WEBUI_METHODS = {"Weighted sum": "weighted_sum", "Add difference": "add_difference"}

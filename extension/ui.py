@@ -21,15 +21,15 @@ from merge_lab.engine.recipe import RATIO_RANGE
 from . import compat
 from .backend import Backend
 from .compat import component, update
-from .controller import PREVIEW_FIELDS, RECIPE_FIELDS, SAVE_FIELDS, TabController
+from .controller import PREVIEW_FIELDS, SAVE_FIELDS, TabController
 from .form import (
     AUTO,
     CHOICES,
     DEFAULT_ARCH,
     NO_BASE,
-    SLIDER_BLOCKS,
     block_field,
     default_alpha,
+    slider_columns,
     visible_blocks,
 )
 
@@ -166,19 +166,20 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                                       "20 for SDXL: BASE, IN…, M00, OUT…)", elem_id=ELEM_PREFIX + "mbw_text",
                                       lines=1))
             shown = set(visible_blocks(DEFAULT_ARCH))
+            left, middle, right = slider_columns()
             with gr.Row():
                 with gr.Column():
-                    for b in [x for x in SLIDER_BLOCKS if x.startswith("IN")]:
+                    for b in left:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
                 with gr.Column():
-                    for b in ("BASE", "M00"):
+                    for b in middle:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
                     add("extra_blocks", component(
                         gr.Textbox, value="", label="Other blocks (NAME=ratio; they follow IN00 / the last OUT / "
                         "BASE when not set)", placeholder="TIME=0.5, OUT=1, VAE=0, TE1=0, TE2=0",
                         elem_id=ELEM_PREFIX + "extra_blocks"))
                 with gr.Column():
-                    for b in [x for x in SLIDER_BLOCKS if x.startswith("OUT")]:
+                    for b in right:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
 
         # ---- advanced -----------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
     c = tab.components
     recipe_inputs = controller.recipe_fields
     param_outputs = controller.param_fields
-    slider_fields = [block_field(b) for b in SLIDER_BLOCKS]
+    slider_fields = controller.block_fields
 
     tab.wire("refresh", c["refresh"], "click",
              lambda v: controller.refresh_models(v["models"], v["base"], v["recipe_source"]),
@@ -322,7 +323,7 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
             tab.wire(f"mbw_text_{event}", c["mbw_text"], event,
                      lambda v: controller.mbw_text_edited(v["mbw_text"], v["arch"], v["alpha"]),
                      ["mbw_text", "arch", "alpha"], [*slider_fields, "mbw_text", "use_blocks", "preset", "status"])
-    for b in SLIDER_BLOCKS:
+    for b in controller.slider_blocks:
         slider = c[block_field(b)]
         tab.wire(f"slider_{b}", slider, compat.user_edit_event(slider),
                  lambda *vals: controller.sliders_moved(vals[0], *vals[1:]),
@@ -336,7 +337,7 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
     tab.wire("cancel", c["cancel"], "click", lambda v: controller.cancel(), [], ["status"], queue=False)
     tab.wire("preview", c["preview"], "click", controller.merge_and_preview, [*recipe_inputs, *PREVIEW_FIELDS],
              ["preview_image", "preview_info", "status", "recipe_json"], progress=True)
-    load_outputs = [*RECIPE_FIELDS, *param_outputs, "method_info", "mbw_text", "status"]
+    load_outputs = [*recipe_inputs, "method_info", "mbw_text", "status"]
     load_outputs = list(dict.fromkeys(load_outputs))
     tab.wire("load_recipe", c["load_recipe"], "click", lambda v: controller.load_recipe(v["recipe_source"]),
              ["recipe_source"], load_outputs)

@@ -15,7 +15,7 @@ import json
 import random
 import struct
 
-from merge_lab.io.safetensors import ITEMSIZE, MAX_HEADER_BYTES
+from merge_lab.io.header import ITEMSIZE, MAX_HEADER_BYTES
 
 DTYPE_NAMES = sorted(ITEMSIZE)
 U64 = (1 << 64) - 1

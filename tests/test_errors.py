@@ -108,11 +108,11 @@ def test_missing_model_file_and_bad_values(sd1_family, tmp_path):
 
 def test_failure_mid_merge_leaves_nothing(sd1_family, tmp_path, monkeypatch):
     """An exception half-way through (here: a read error) removes the temporary file."""
-    from merge_lab.io import safetensors as safetensors_io
+    from merge_lab.io import reader as reader_io
 
     _, (a, b, _) = sd1_family
     calls = {"n": 0}
-    real = safetensors_io.SafetensorsReader.read
+    real = reader_io.SafetensorsReader.read
 
     def flaky(self, key, rows=None):
         calls["n"] += 1
@@ -120,7 +120,7 @@ def test_failure_mid_merge_leaves_nothing(sd1_family, tmp_path, monkeypatch):
             raise OSError(5, "Input/output error")
         return real(self, key, rows)
 
-    monkeypatch.setattr(safetensors_io.SafetensorsReader, "read", flaky)
+    monkeypatch.setattr(reader_io.SafetensorsReader, "read", flaky)
     out = tmp_path / "o.safetensors"
     with pytest.raises(OSError):
         merge_to_file(Recipe(models=[str(a), str(b)], out=str(out)))

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from merge_lab.engine.executor import merge_to_file
 from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import CheckpointError, MergeLabError
-from merge_lab.io.safetensors import MAX_HEADER_BYTES, SafetensorsReader, read_header
+from merge_lab.io.header import MAX_HEADER_BYTES, read_header
+from merge_lab.io.reader import SafetensorsReader
 
 from .fuzz_safetensors import (
     MUTATIONS,

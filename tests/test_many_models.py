@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merge_lab.archs.layouts import layout_for
+from merge_lab.archs import layout_for
 from merge_lab.demo.models import save_state_dict
 from merge_lab.engine.executor import merge_to_state_dict, prepare
 from merge_lab.engine.recipe import Recipe, parse_size
-from merge_lab.io.safetensors import ITEMSIZE
+from merge_lab.io.header import ITEMSIZE
 
 N_MODELS = 40
 

@@ -24,7 +24,8 @@ from merge_lab.cli import main
 from merge_lab.engine.executor import merge_to_file, merge_to_state_dict
 from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import CheckpointError, MergeLabError
-from merge_lab.io.safetensors import PARTIAL_SUFFIX, SafetensorsWriter
+from merge_lab.io.resume import PARTIAL_SUFFIX
+from merge_lab.io.writer import SafetensorsWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,10 +165,10 @@ def test_output_is_synced_while_merging_and_a_failed_sync_stops_the_merge(sd1_fa
                                                                            capsys):
     """The output goes to disk during the merge (the final fsync used to wait seconds with the CPU idle);
     a sync that fails (EIO) is the merge's one-line error, with no output left."""
-    import merge_lab.io.safetensors as sio
+    import merge_lab.io.writer as writer_io
 
     _, (a, b, _) = sd1_family
-    monkeypatch.setattr(sio, "SYNC_BYTES", 64 << 10)  # the test models are ~1.9 MB: many syncs
+    monkeypatch.setattr(writer_io, "SYNC_BYTES", 64 << 10)  # the test models are ~1.9 MB: many syncs
     synced = []
     real_sync = getattr(os, "fdatasync", os.fsync)
 
@@ -235,7 +236,7 @@ SLOW_MERGE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from merge_lab import cli
-    from merge_lab.io.safetensors import SafetensorsWriter
+    from merge_lab.io.writer import SafetensorsWriter
 
     started, real = Path(sys.argv[1]), SafetensorsWriter.write
 

@@ -13,14 +13,14 @@ from merge_lab import cli
 from merge_lab.engine import executor as engine
 from merge_lab.engine.executor import merge_to_file
 from merge_lab.engine.recipe import Recipe
-from merge_lab.errors import MergeCancelled
-from merge_lab.io import safetensors as safetensors_io
-from merge_lab.io.safetensors import resumable_path_for
+from merge_lab.errors import CheckpointError, MergeCancelled
+from merge_lab.io import writer as writer_io
+from merge_lab.io.resume import resumable_path_for
 
 
 @pytest.fixture(autouse=True)
 def journal_every_tensor(monkeypatch):
-    monkeypatch.setattr(safetensors_io, "JOURNAL_INTERVAL_S", 0.0)
+    monkeypatch.setattr(writer_io, "JOURNAL_INTERVAL_S", 0.0)
 
 
 def recipe_for(sd1_family, out, **changes):
@@ -164,9 +164,9 @@ def test_a_partial_file_in_use_is_not_shared(sd1_family, tmp_path):
     recipe = recipe_for(sd1_family, out)
     plan = engine.prepare(recipe)
     try:
-        first = safetensors_io.SafetensorsWriter(out, plan.output_entries(), {}, resume=True)
-        with pytest.raises(safetensors_io.CheckpointError, match="another merge is writing"):
-            safetensors_io.SafetensorsWriter(out, plan.output_entries(), {}, resume=True)
+        first = writer_io.SafetensorsWriter(out, plan.output_entries(), {}, resume=True)
+        with pytest.raises(CheckpointError, match="another merge is writing"):
+            writer_io.SafetensorsWriter(out, plan.output_entries(), {}, resume=True)
         first.abort()
     finally:
         plan.close()

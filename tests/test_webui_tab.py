@@ -20,7 +20,7 @@ from merge_lab.engine.executor import merge_to_state_dict
 from merge_lab.engine.recipe import Recipe
 from merge_lab_extension.backend import FolderBackend
 from merge_lab_extension.compat import is_update, update_value
-from merge_lab_extension.form import BLOCK_FIELDS, SLIDER_BLOCKS, default_alpha, form_from_record
+from merge_lab_extension.form import block_fields, default_alpha, form_from_record, slider_blocks
 from merge_lab_extension.ui import build_tab
 
 from .test_gradio_versions import VENVS as GRADIO_VENVS
@@ -100,15 +100,15 @@ def test_block_ratios_presets_text_and_sliders_stay_in_sync(tab, models_dir):
 
     out = tab.run("preset", form(tab, preset="GRAD_V", arch="sd1"))
     grad_v = preset_values("GRAD_V", "sd1")
-    assert [update_value(out[f]) for f in BLOCK_FIELDS] == pytest.approx(grad_v)
+    assert [update_value(out[f]) for f in block_fields()] == pytest.approx(grad_v)
     assert update_value(out["use_blocks"]) is True
     assert out["mbw_text"].split(",")[:3] == ["0", "1", "0.9166666667"]
 
     text = ",".join(["0.25"] * 26)
     out = tab.run("mbw_text_submit", form(tab, mbw_text=text, arch="sd1", alpha=0.5))
-    assert [update_value(out[f]) for f in BLOCK_FIELDS] == [0.25] * 26
+    assert [update_value(out[f]) for f in block_fields()] == [0.25] * 26
 
-    sliders = {f: 0.5 for f in BLOCK_FIELDS}
+    sliders = {f: 0.5 for f in block_fields()}
     sliders["block_IN04"] = 1.0
     out = tab.run("slider_IN04", form(tab, arch="sd1", **sliders))
     assert out["mbw_text"].split(",")[5] == "1"
@@ -131,7 +131,7 @@ def test_block_ratios_presets_text_and_sliders_stay_in_sync(tab, models_dir):
 def test_sdxl_models_show_twenty_blocks(tab):
     out = tab.run("models", form(tab, models=["xl/sdxl-ft1.safetensors"]))
     assert out["arch"] == "sdxl"
-    visible = [b for b in SLIDER_BLOCKS if out[f"block_{b}"]["visible"]]
+    visible = [b for b in slider_blocks() if out[f"block_{b}"]["visible"]]
     assert len(visible) == 20 and "IN09" not in visible and "OUT11" not in visible
     assert len(out["mbw_text"].split(",")) == 20
 
@@ -251,13 +251,13 @@ def test_loaded_recipe_keeps_its_alpha_and_one_without_gets_the_methods_default(
 def test_load_recipe_from_a_merged_files_metadata(tab, models_dir):
     values = form(tab, models=["sd1-ft2.safetensors", "sd1-ft1.safetensors"], alpha=0.7, use_blocks=True,
                   arch="sd1", extra_blocks="VAE=0", out_name="with-recipe",
-                  **dict(zip(BLOCK_FIELDS, preset_values("GRAD_A", "sd1"))))
+                  **dict(zip(block_fields(), preset_values("GRAD_A", "sd1"))))
     assert tab.run("merge", values)["status"].startswith("saved")
     out = tab.run("load_recipe", form(tab, recipe_source="with-recipe.safetensors"))
     assert out["status"] == "recipe loaded from with-recipe.safetensors"
     assert out["models"] == ["sd1-ft2.safetensors", "sd1-ft1.safetensors"]
     assert out["alpha"] == 0.7 and out["use_blocks"] is True and out["extra_blocks"] == "VAE=0"
-    assert [update_value(out[f]) for f in BLOCK_FIELDS] == pytest.approx(preset_values("GRAD_A", "sd1"))
+    assert [update_value(out[f]) for f in block_fields()] == pytest.approx(preset_values("GRAD_A", "sd1"))
 
     plain = tab.run("load_recipe", form(tab, recipe_source="sd1-ft1.safetensors"))
     assert "no sd_merge_recipe" in plain["status"]

@@ -1,1 +1,25 @@
-"""Architectures: detection from a header, key layouts, the block map and block-weight presets."""
+"""Architectures: the registry (one record per architecture, one module per record), detection from a
+header, key layouts, the block map and block-weight presets.
+
+Importing the package registers the built-in architectures, in the order detection messages list them.
+"""
+
+from merge_lab.archs import sd1, sd2, sdxl, sdxl_refiner  # noqa: F401  (register the built-in architectures)
+from merge_lab.archs.registry import (
+    ArchSpec,
+    PreviewSupport,
+    PreviewVariant,
+    all_block_names,
+    current_key_name,
+    get,
+    layout_for,
+    names,
+    preview_variants,
+    register,
+    specs,
+    supported,
+    unregister,
+)
+
+__all__ = ["ArchSpec", "PreviewSupport", "PreviewVariant", "all_block_names", "current_key_name", "get",
+           "layout_for", "names", "preview_variants", "register", "specs", "supported", "unregister"]

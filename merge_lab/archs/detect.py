@@ -1,8 +1,9 @@
 """Architecture detection from a safetensors header alone (key names and shapes; no tensor is read).
 
-Only layouts we know are accepted: a file whose keys we recognise as another architecture (Flux.1,
-Chroma, SD3.x, a LoRA, a ControlNet, diffusers folders' files, a lone VAE or text encoder) or do not
-recognise at all is a one-line error naming what was found, never a fallback to SD1.
+Files of a known family we do not merge (Flux.1, Chroma, SD3.x, a LoRA, a ControlNet, diffusers folders'
+files) are named and refused first. Then every registered architecture whose probe keys the file has is
+asked whether its structure matches (merge_lab/archs/registry.py); exactly one must. A lone VAE or text
+encoder, or a layout no record takes, is a one-line error naming what was found, never a fallback to SD1.
 """
 
 from __future__ import annotations
@@ -10,28 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from merge_lab.archs.layouts import (
-    REFINER_TE_PREFIX,
-    SD1_TE_PREFIX,
-    SD2_TE_PREFIX,
-    SDXL_TE1_PREFIX,
-    SDXL_TE2_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-)
+from merge_lab.archs.layouts import UNET_PREFIX, VAE_PREFIX
+from merge_lab.archs.registry import get, specs, supported
 from merge_lab.errors import CheckpointError
-from merge_lab.io.safetensors import TensorInfo
-
-ARCH_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
-              "sdxl-refiner": "Stable Diffusion XL refiner"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base",
-                  "sdxl-refiner": "stable-diffusion-xl-v1-refiner"}
-SUPPORTED = "SD1.x, SD2.x, SDXL (Pony, Illustrious, NoobAI) and SDXL refiner single-file checkpoints"
 
 
 @dataclass(frozen=True)
 class Architecture:
-    arch: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
+    """A detected file: its architecture's registry name and the variants it shows."""
+
+    arch: str
     variants: tuple[str, ...] = field(default_factory=tuple)  # "inpaint", "instruct-pix2pix", "v-prediction"
 
     @property
@@ -51,8 +40,8 @@ def _contains(keys, *parts: str) -> bool:
 
 
 def recognise_foreign(keys) -> str | None:
-    """What a file we cannot merge holds, by its own key names (diffusers' CHECKPOINT_KEY_NAMES and
-    ComfyUI's model detection use the same probes), or None when it looks like a UNet checkpoint."""
+    """What a file of an architecture we do not merge holds, by its own key names (diffusers'
+    CHECKPOINT_KEY_NAMES and ComfyUI's model detection use the same probes), or None."""
     if _has(keys, "distilled_guidance_layer."):
         return "Chroma transformer keys (distilled_guidance_layer.*, double_blocks.*)"
     if _has(keys, "double_blocks.", "single_blocks."):
@@ -68,92 +57,57 @@ def recognise_foreign(keys) -> str | None:
     if _has(keys, "down_blocks.", "up_blocks.", "mid_block.", "transformer_blocks.") or \
             any(k.startswith(("unet.", "text_encoder.", "transformer.")) for k in keys):
         return "diffusers-format keys (down_blocks.*, transformer_blocks.*): not a single-file checkpoint"
+    return None
+
+
+def recognise_partial(keys) -> str:
+    """What a file no architecture took holds, when it is not a whole model: a lone VAE or text encoder."""
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith(("encoder.", "decoder.", VAE_PREFIX)) for k in keys):
             return "VAE keys only (encoder.*, decoder.*): a VAE, not a checkpoint"
         if any(k.startswith(("cond_stage_model.", "conditioner.", "text_model.", "text_encoders.")) for k in keys):
             return "text-encoder keys only"
         return "no UNet keys (model.diffusion_model.*)"
-    return None
+    return "keys of no architecture we know"
 
 
-def _unet_arch(tensors: dict[str, TensorInfo], path: str | None) -> str:
-    """SD1 / SD2 / SDXL / refiner from the UNet's own structure: the number of input blocks, SDXL's label
-    embedding and the kind of transformer projection (1×1 conv in SD1, Linear in SD2 and SDXL)."""
-    keys = tensors.keys()
-    if f"{UNET_PREFIX}input_blocks.0.0.weight" not in tensors:
-        raise CheckpointError(f"unknown UNet layout (no {UNET_PREFIX}input_blocks.0.0.weight); this merger "
-                              f"takes {SUPPORTED}", path=path)
-    inputs = {int(k[len(UNET_PREFIX) + 13:].split(".", 1)[0]) for k in keys
-              if k.startswith(UNET_PREFIX + "input_blocks.") and k[len(UNET_PREFIX) + 13:].split(".", 1)[0].isdigit()}
-    count = max(inputs) + 1
-    if f"{UNET_PREFIX}label_emb.0.0.weight" in tensors:
-        if count == 9:
-            return "sdxl"
-        if count == 12:
-            return "sdxl-refiner"
-    elif count == 12:
-        proj = next((t for k, t in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith(".proj_in.weight")),
-                    None)
-        if proj is not None:
-            return "sd1" if len(proj.shape) == 4 else "sd2"
-    raise CheckpointError(f"unknown UNet layout ({count} input blocks"
-                          f"{', with label_emb' if f'{UNET_PREFIX}label_emb.0.0.weight' in tensors else ''}); "
-                          f"this merger takes {SUPPORTED}", path=path)
-
-
-# The text encoders each architecture carries (a UNet-only file has none, and is accepted).
-_TEXT_ENCODERS = {"sd1": (SD1_TE_PREFIX,), "sd2": (SD2_TE_PREFIX,), "sdxl": (SDXL_TE1_PREFIX, SDXL_TE2_PREFIX),
-                  "sdxl-refiner": (REFINER_TE_PREFIX,)}
-_ALL_TE_PREFIXES = tuple({p for ps in _TEXT_ENCODERS.values() for p in ps})
-
-
-def detect(tensors: dict[str, TensorInfo], metadata: dict[str, str] | None = None, path: str | None = None
-           ) -> Architecture:
+def detect(tensors, metadata: dict[str, str] | None = None, path: str | None = None) -> Architecture:
+    """The architecture of a header's tensors ({key: TensorInfo}), or a one-line CheckpointError."""
     keys = tensors.keys()
     metadata = metadata or {}
     foreign = recognise_foreign(keys)
     if foreign:
-        raise CheckpointError(f"holds {foreign}; this merger takes {SUPPORTED}", path=path)
-    arch = _unet_arch(tensors, path)
-    present = {p for p in _ALL_TE_PREFIXES if any(k.startswith(p) for k in keys)}
-    # SD2's and the refiner's OpenCLIP prefixes are distinct from the others; SD1's CLIP prefix is a prefix
-    # of nothing else, so the set comparison is exact.
-    if present and present != set(_TEXT_ENCODERS[arch]):
-        found = ", ".join(sorted(p + "*" for p in present))
-        raise CheckpointError(f"{ARCH_NAMES[arch]} UNet with text encoder keys {found} that do not belong to it",
+        raise CheckpointError(f"holds {foreign}; this merger takes {supported()}", path=path)
+    candidates = [s for s in specs() if any(k in tensors for k in s.probe_keys)]
+    found = [s for s in candidates if s.matches(tensors)]
+    if len(found) > 1:
+        raise CheckpointError(f"matches several architectures ({', '.join(s.name for s in found)}); "
+                              "their records need a sharper test", path=path)
+    if not found:
+        described = next((d for s in specs() if s.describe_unmatched
+                          for d in [s.describe_unmatched(tensors)] if d), None)
+        raise CheckpointError(f"{described or 'holds ' + recognise_partial(keys)}; this merger takes "
+                              f"{supported()}", path=path)
+    spec = found[0]
+    all_te = {p for s in specs() for p in s.text_encoder_prefixes}
+    present = {p for p in all_te if any(k.startswith(p) for k in keys)}
+    # Each architecture's text-encoder prefixes are distinct from the others' (SD1's CLIP prefix is a prefix
+    # of nothing else), so the set comparison is exact. A UNet-only file has none, and is accepted.
+    if present and present != set(spec.text_encoder_prefixes):
+        names = ", ".join(sorted(p + "*" for p in present))
+        raise CheckpointError(f"{spec.title} UNet with text encoder keys {names} that do not belong to it",
                               path=path)
-
-    variants = []
-    first = tensors.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
-    if first is not None and len(first.shape) == 4:
-        if first.shape[1] == 9:
-            variants.append("inpaint")
-        elif first.shape[1] == 8:
-            variants.append("instruct-pix2pix")
-    prediction = metadata.get("modelspec.prediction_type", "").lower()
-    if "v_pred" in tensors or prediction in ("v", "v-prediction", "v_prediction"):
-        variants.append("v-prediction")
-    return Architecture(arch, tuple(variants))
+    return Architecture(spec.name, tuple(spec.variants(tensors, metadata)))
 
 
-COMPONENT_PREFIXES = (
-    ("unet", UNET_PREFIX),
-    ("vae", VAE_PREFIX),
-    ("text_encoder", SD1_TE_PREFIX),
-    ("text_encoder", SD2_TE_PREFIX),
-    ("text_encoder", SDXL_TE1_PREFIX),
-    ("text_encoder_2", SDXL_TE2_PREFIX),
-    ("text_encoder", REFINER_TE_PREFIX),
-)
-
-
-def component_of(key: str) -> str:
-    for name, prefix in COMPONENT_PREFIXES:
-        if key.startswith(prefix):
-            return name
+def component_of(key: str, arch: str | None = None) -> str:
+    """unet / vae / text_encoder / text_encoder_2 / other, by the key's prefix (of `arch`, or of any)."""
+    for spec in [get(arch)] if arch else specs():
+        for name, prefix in spec.components:
+            if key.startswith(prefix):
+                return name
     return "other"
 
 
-def summarize_dtypes(tensors: dict[str, TensorInfo]) -> dict[str, int]:
+def summarize_dtypes(tensors) -> dict[str, int]:
     return dict(Counter(t.dtype for t in tensors.values()).most_common())

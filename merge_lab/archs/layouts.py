@@ -1,4 +1,5 @@
-"""The single-file (LDM / A1111) key layouts of SD1.x, SD2.x and SDXL, generated from explicit configs.
+"""The single-file (LDM / A1111) key layouts, generated from explicit configs (each architecture's module
+builds its own: merge_lab/archs/sd1.py, …).
 
 One generator serves the real sizes (benchmarks) and tiny widths (tests, demo): only the widths change,
 never the key set. The real configs reproduce the published key counts (SD1.5: 686 UNet + 248 VAE +
@@ -73,7 +74,7 @@ class OpenCLIPConfig:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    arch: str  # "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
+    arch: str  # the architecture's registry name
     unet: UNetConfig
     vae: VAEConfig
     text_encoders: tuple = field(default_factory=tuple)
@@ -283,108 +284,5 @@ def open_clip_shapes(cfg: OpenCLIPConfig) -> dict[str, Shape]:
     return out
 
 
-SD1_TE_PREFIX = "cond_stage_model.transformer."
-SD2_TE_PREFIX = "cond_stage_model.model."
-SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
-# The SDXL refiner conditions on OpenCLIP-G alone, as its first (and only weighted) embedder.
-REFINER_TE_PREFIX = "conditioner.embedders.0.model."
-
-# Old SD1 text-encoder names (transformers < 4.x, before CLIPTextModel had a `text_model`): A1111 renames
-# them on load (modules/sd_models.py, checkpoint_dict_replacements_sd1); we read them under the current names.
-LEGACY_KEY_PREFIXES = {
-    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
-    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
-    "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
-}
-
-
-def current_key_name(key: str) -> str:
-    """`key` under its current name (old SD1 text-encoder names renamed as A1111 does)."""
-    for old, new in LEGACY_KEY_PREFIXES.items():
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-def sd1_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
-    if width:
-        return ModelLayout(
-            "sd1",
-            UNetConfig(model_channels=width, context_dim=width, num_heads=8),
-            VAEConfig(ch=width),
-            (CLIPConfig(SD1_TE_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4),),
-        )
-    return ModelLayout("sd1", UNetConfig(num_heads=8), VAEConfig(), (CLIPConfig(SD1_TE_PREFIX, vocab=vocab),))
-
-
-def sd2_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
-    if width:
-        return ModelLayout(
-            "sd2",
-            UNetConfig(model_channels=width, context_dim=width, use_linear_proj=True, head_channels=8),
-            VAEConfig(ch=width),
-            (OpenCLIPConfig(SD2_TE_PREFIX, width=width, layers=24, vocab=vocab, heads=4, projection_dim=width),),
-        )
-    return ModelLayout(
-        "sd2",
-        UNetConfig(context_dim=1024, use_linear_proj=True),
-        VAEConfig(),
-        (OpenCLIPConfig(SD2_TE_PREFIX, vocab=vocab),),
-    )
-
-
-def sdxl_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
-    if width:
-        te1, te2 = width, 2 * width
-        return ModelLayout(
-            "sdxl",
-            UNetConfig(model_channels=width, channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), middle_depth=10,
-                       context_dim=te1 + te2, use_linear_proj=True, adm_in_channels=6 * 8 + te2,
-                       head_channels=8),
-            VAEConfig(ch=width),
-            (CLIPConfig(SDXL_TE1_PREFIX, hidden=te1, intermediate=2 * te1, vocab=vocab, heads=4),
-             OpenCLIPConfig(SDXL_TE2_PREFIX, width=te2, layers=32, vocab=vocab, heads=4, projection_dim=te2)),
-        )
-    return ModelLayout(
-        "sdxl",
-        UNetConfig(channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), middle_depth=10, context_dim=2048,
-                   use_linear_proj=True, adm_in_channels=2816),
-        VAEConfig(),
-        (CLIPConfig(SDXL_TE1_PREFIX, hidden=768, intermediate=3072, vocab=vocab, heads=12),
-         OpenCLIPConfig(SDXL_TE2_PREFIX, width=1280, layers=32, vocab=vocab, heads=20, projection_dim=1280)),
-    )
-
-
-def sdxl_refiner_layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
-    """SDXL refiner 1.0 (sgm sd_xl_refiner.yaml): model_channels 384, four levels, attention (depth 4) at the
-    middle two and in the middle block, context 1280 from OpenCLIP-G alone, adm input 2560 = pooled 1280 +
-    5 size/crop/aesthetic-score embeddings of 256."""
-    if width:
-        te = 2 * width
-        return ModelLayout(
-            "sdxl-refiner",
-            UNetConfig(model_channels=width, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0), middle_depth=4,
-                       context_dim=te, use_linear_proj=True, adm_in_channels=5 * 8 + te, head_channels=8),
-            VAEConfig(ch=width),
-            (OpenCLIPConfig(REFINER_TE_PREFIX, width=te, layers=32, vocab=vocab, heads=4, projection_dim=te),),
-        )
-    return ModelLayout(
-        "sdxl-refiner",
-        UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0), middle_depth=4,
-                   context_dim=1280, use_linear_proj=True, adm_in_channels=2560),
-        VAEConfig(),
-        (OpenCLIPConfig(REFINER_TE_PREFIX, width=1280, layers=32, vocab=vocab, heads=20, projection_dim=1280),),
-    )
-
-
-LAYOUTS = {"sd1": sd1_layout, "sd2": sd2_layout, "sdxl": sdxl_layout, "sdxl-refiner": sdxl_refiner_layout}
-
-
 # Width of the demo / test models: 32 keeps GroupNorm(32) valid so they can be rendered.
 TINY_WIDTH = 32
-
-
-def layout_for(arch: str, width: int | None = None, vocab: int = 49408) -> ModelLayout:
-    """The layout of `arch` at real size (width None) or with base width `width` (same key set)."""
-    return LAYOUTS[arch](width=width, vocab=vocab)

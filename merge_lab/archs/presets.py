@@ -1,4 +1,5 @@
-"""Block-weight presets by name (data/presets.tsv), for SD1/SD2 (26 values) and SDXL (20 values)."""
+"""Block-weight presets by name: each architecture names its table (a TSV beside this module, in one of the
+value orders it takes; the LDM UNets share presets.tsv in the 26-value SD order)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,29 @@ from functools import cache
 from pathlib import Path
 
 from merge_lab.archs.blocks import to_arch_values
+from merge_lab.archs.registry import get, specs
 from merge_lab.errors import RecipeError
 
-PRESET_FILE = Path(__file__).with_name("presets.tsv")
+PRESET_DIR = Path(__file__).parent
+
+
+def presets(arch: str | None = None) -> dict[str, tuple[float, ...]]:
+    """{name: values} of `arch`'s table; without `arch`, every table's presets (the first of a name wins)."""
+    if arch is not None:
+        table = get(arch).preset_table
+        return dict(_read_table(table)) if table else {}
+    out: dict[str, tuple[float, ...]] = {}
+    for spec in specs():
+        if spec.preset_table:
+            for name, values in _read_table(spec.preset_table).items():
+                out.setdefault(name, values)
+    return out
 
 
 @cache
-def presets() -> dict[str, tuple[float, ...]]:
+def _read_table(file_name: str) -> dict[str, tuple[float, ...]]:
     table = {}
-    for line in PRESET_FILE.read_text(encoding="utf-8").splitlines():
+    for line in (PRESET_DIR / file_name).read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         name, values = line.split("\t")
@@ -36,9 +51,9 @@ def names_preset(spec) -> bool:
 
 
 def preset_values(name: str, arch: str) -> list[float]:
-    table = presets()
+    table = presets(arch)
     key = name.strip()
     match = table.get(key) or next((v for k, v in table.items() if k.upper() == key.upper()), None)
     if match is None:
-        raise RecipeError(f"unknown block preset {name!r} (valid: {', '.join(table)})")
+        raise RecipeError(f"unknown block preset {name!r} (valid: {', '.join(table) or f'none for {arch}'})")
     return to_arch_values(list(match), arch)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from merge_lab.archs.layouts import layout_for
+from merge_lab.archs import layout_for
 from merge_lab.io.hashing import cache_dir
-from merge_lab.io.safetensors import OutputEntry, SafetensorsReader, SafetensorsWriter
+from merge_lab.io.reader import SafetensorsReader
+from merge_lab.io.writer import OutputEntry, SafetensorsWriter
 
 ARCHS = {"sd15": "sd1", "sdxl": "sdxl"}
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from merge_lab.archs.layouts import TINY_WIDTH, ModelLayout, layout_for
-from merge_lab.io.safetensors import DTYPE_NAMES, OutputEntry, SafetensorsWriter
+from merge_lab.archs import layout_for
+from merge_lab.archs.layouts import TINY_WIDTH, ModelLayout
+from merge_lab.io.header import DTYPE_NAMES
+from merge_lab.io.writer import OutputEntry, SafetensorsWriter
 
 
 def _generator(*parts) -> torch.Generator:

@@ -29,7 +29,7 @@ from merge_lab.engine.executor import (
     _row_chunks,
 )
 from merge_lab.errors import MergeCancelled
-from merge_lab.io.safetensors import ITEMSIZE
+from merge_lab.io.header import ITEMSIZE
 
 
 @dataclass

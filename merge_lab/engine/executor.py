@@ -27,16 +27,17 @@ from typing import Any
 import torch
 
 import merge_lab_methods as methods
-from merge_lab import __version__
+from merge_lab import __version__, archs
+from merge_lab.archs import current_key_name
 from merge_lab.archs.blocks import block_of, key_role, parse_values, resolve_ratios
-from merge_lab.archs.detect import ARCH_NAMES, MODELSPEC_ARCH, Architecture, detect
-from merge_lab.archs.layouts import current_key_name
+from merge_lab.archs.detect import Architecture, detect
 from merge_lab.archs.presets import names_preset, preset_values
 from merge_lab.engine.recipe import Recipe, check_output_path, parse_size
 from merge_lab.errors import CheckpointError, MergeCancelled, MergeLabError, RecipeError
 from merge_lab.io.checkpoints import open_checkpoint
 from merge_lab.io.hashing import autov2, legacy_hash, remember_sha256, sha256_file
-from merge_lab.io.safetensors import DTYPES, EXISTS_MESSAGE, ITEMSIZE, OutputEntry, SafetensorsWriter
+from merge_lab.io.header import DTYPES, ITEMSIZE
+from merge_lab.io.writer import EXISTS_MESSAGE, OutputEntry, SafetensorsWriter
 
 DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 # An output dtype per key: the first model's dtype of that key (files mix an fp32 VAE with an fp16 UNet).
@@ -264,7 +265,7 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
         info = first.reader.tensors[key]
         role = key_role(key, arch)
         if role == "unknown":
-            raise MergeLabError(f"is not part of the {ARCH_NAMES[arch]} layout we know; refusing to copy it "
+            raise MergeLabError(f"is not part of the {archs.get(arch).title} layout we know; refusing to copy it "
                                 "unmerged (remove the key, or report the file's origin)", path=first.path, key=key)
         if role == "leftover" and plan.recipe.prune:
             continue
@@ -896,7 +897,7 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
         "sd_merge_recipe": json.dumps(plan.recipe_record()),
         "sd_merge_models": json.dumps(models),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[plan.arch.arch] + ("/inpaint" if "inpaint" in plan.arch.variants
+        "modelspec.architecture": archs.get(plan.arch.arch).modelspec + ("/inpaint" if "inpaint" in plan.arch.variants
                                                                      else ""),
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -17,8 +17,9 @@ from typing import Any
 import yaml
 
 import merge_lab_methods as methods
-from merge_lab.archs.blocks import all_blocks, parse_values
-from merge_lab.archs.presets import names_preset, preset_values
+from merge_lab import archs
+from merge_lab.archs.blocks import accepted_lengths, parse_values
+from merge_lab.archs.presets import names_preset, presets
 from merge_lab.errors import RecipeError, show
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2")
@@ -218,23 +219,27 @@ def check_output_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike
 
 def known_block_names() -> list[str]:
     """Every block name of any architecture (a recipe is checked against its models' own list later)."""
-    names: list[str] = []
-    for arch in ("sd1", "sdxl"):
-        names += [b for b in all_blocks(arch) if b not in names]
-    return names
+    return archs.all_block_names()
 
 
 def check_block_spec(spec) -> None:
-    """`blocks`: None, a preset name, or 25/26 (SD1/SD2) or 19/20 (SDXL) ratios, each in range."""
+    """`blocks`: None, a preset name, or ratios in a value order some architecture takes (26 for SD1/SD2,
+    20 for SDXL, or one fewer without BASE), each in range."""
     if spec is None or spec == "":
         return
     if names_preset(spec):
-        preset_values(spec.strip(), "sd1")  # RecipeError listing the presets when unknown
+        name = spec.strip()
+        if not any(name.upper() == known.upper() for known in presets()):
+            raise RecipeError(f"unknown block preset {name!r} (valid: {', '.join(presets())})")
         return
     values = parse_values(spec)
-    if len(values) not in (19, 20, 25, 26):
-        raise RecipeError(f"blocks takes 26 block ratios (SD1/SD2) or 20 (SDXL), or 25 / 19 without BASE; "
-                          f"got {len(values)}")
+    if not any(len(values) in accepted_lengths(s.name) for s in archs.specs()):
+        orders: dict[int, list[str]] = {}
+        for s in archs.specs():
+            orders.setdefault(len(s.main_blocks), []).append(s.short)
+        listed = " or ".join(f"{n}{' block ratios' if i == 0 else ''} ({'/'.join(who)})"
+                             for i, (n, who) in enumerate(sorted(orders.items(), reverse=True)))
+        raise RecipeError(f"blocks takes {listed}, or one fewer without BASE; got {len(values)}")
     for i, v in enumerate(values):
         _check_ratio(f"block ratio #{i + 1}", v)
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 from merge_lab.errors import CheckpointError
-from merge_lab.io.safetensors import DTYPE_NAMES, Header, SafetensorsReader, TensorInfo, valid_text
+from merge_lab.io.header import DTYPE_NAMES, Header, TensorInfo, valid_text
+from merge_lab.io.reader import SafetensorsReader
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

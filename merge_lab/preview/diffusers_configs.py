@@ -3,7 +3,8 @@
 One generator serves the real architectures and the tiny demo / test models: the shapes come from
 :mod:`merge_lab.archs.layouts` (so a config can never drift from the key layout the engine merges), and the few
 facts that are not shapes (native image size, prediction type, default scheduler, VAE scaling factor) come
-from a :class:`Variant`. The real configs are shipped as JSON folders under ``merge_lab/configs/<variant>/``
+from the architecture's release record (:class:`merge_lab.archs.PreviewVariant`). The real configs are
+shipped as JSON folders under ``merge_lab/archs/configs/<variant>/``
 (no weights, a few KB); ``python -m merge_lab.preview.diffusers_configs`` rewrites them and a test checks that the
 shipped files equal the generator's output. Tiny models' configs are generated on the fly.
 
@@ -16,48 +17,22 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from merge_lab.archs.layouts import CLIPConfig, ModelLayout, OpenCLIPConfig, UNetConfig, VAEConfig, layout_for
+from merge_lab import archs
+from merge_lab.archs import layout_for
+from merge_lab.archs.layouts import CLIPConfig, ModelLayout, OpenCLIPConfig, UNetConfig, VAEConfig
+from merge_lab.archs.registry import PreviewVariant
 
 CONFIGS_DIR = Path(__file__).parent.parent / "archs" / "configs"
 
 _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What a released model adds to its key layout: sizes, prediction type, the default scheduler."""
-
-    name: str
-    arch: str
-    title: str
-    image_size: int  # native resolution (the default preview size)
-    prediction_type: str  # "epsilon" | "v_prediction"
-    scheduler: str  # the release's default scheduler class
-    vae_scaling_factor: float
-    vae_force_upcast: bool = False  # SDXL's VAE overflows in fp16: diffusers decodes it in fp32
-    upcast_attention: bool = False  # SD 2.1 768-v computes attention in fp32 (NaNs in fp16 otherwise)
 
 
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("sd15", "sd1", "Stable Diffusion 1.5", 512, "epsilon", "PNDMScheduler", 0.18215),
-        Variant("sd2-base", "sd2", "Stable Diffusion 2.x base (512, epsilon)", 512, "epsilon", "PNDMScheduler",
-                0.18215),
-        Variant("sd2-768-v", "sd2", "Stable Diffusion 2.x 768-v (v-prediction)", 768, "v_prediction",
-                "DDIMScheduler", 0.18215, upcast_attention=True),
-        Variant("sdxl-base", "sdxl", "Stable Diffusion XL base 1.0", 1024, "epsilon", "EulerDiscreteScheduler",
-                0.13025, vae_force_upcast=True),
-    )
-}
-DEFAULT_VARIANT = {"sd1": "sd15", "sd2": "sd2-768-v", "sdxl": "sdxl-base"}
-
-
-def unet_config(cfg: UNetConfig, variant: Variant, layout: ModelLayout) -> dict[str, Any]:
+def unet_config(cfg: UNetConfig, variant: PreviewVariant, layout: ModelLayout) -> dict[str, Any]:
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attention = [d > 0 for d in cfg.transformer_depth]
     # diffusers takes one transformer depth per level (levels without attention ignore theirs) and gives
@@ -112,7 +87,7 @@ def unet_config(cfg: UNetConfig, variant: Variant, layout: ModelLayout) -> dict[
     return dict(sorted(config.items()))
 
 
-def vae_config(cfg: VAEConfig, variant: Variant) -> dict[str, Any]:
+def vae_config(cfg: VAEConfig, variant: PreviewVariant) -> dict[str, Any]:
     levels = len(cfg.ch_mult)
     return {
         "_class_name": "AutoencoderKL",
@@ -131,13 +106,14 @@ def vae_config(cfg: VAEConfig, variant: Variant) -> dict[str, Any]:
     }
 
 
-def text_encoder_config(te: CLIPConfig | OpenCLIPConfig, *, with_projection: bool, arch: str) -> dict[str, Any]:
+def text_encoder_config(te: CLIPConfig | OpenCLIPConfig, *, with_projection: bool, penultimate: bool = False
+                        ) -> dict[str, Any]:
     if isinstance(te, CLIPConfig):  # OpenAI CLIP ViT-L/14 text tower
         hidden, intermediate, layers, act, projection = te.hidden, te.intermediate, te.layers, "quick_gelu", te.hidden
     else:  # OpenCLIP ViT-H / ViT-bigG text tower
         hidden, intermediate, layers, act = te.width, te.width * te.mlp_ratio, te.layers, "gelu"
         projection = te.projection_dim
-        if arch == "sd2":
+        if penultimate:
             # SD2 conditions on the penultimate layer: diffusers drops the last block (the converter skips
             # resblocks.<last>), so the text encoder has one layer fewer than the checkpoint.
             layers -= 1
@@ -180,7 +156,7 @@ def tokenizer_config(pad_token: str) -> dict[str, Any]:
     }
 
 
-def scheduler_config(variant: Variant) -> dict[str, Any]:
+def scheduler_config(variant: PreviewVariant) -> dict[str, Any]:
     config: dict[str, Any] = {"_class_name": variant.scheduler, **_BETAS, "clip_sample": False,
                               "prediction_type": variant.prediction_type, "set_alpha_to_one": False,
                               "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
@@ -195,11 +171,12 @@ def _pad_token(te: CLIPConfig | OpenCLIPConfig) -> str:
     return "<|endoftext|>" if isinstance(te, CLIPConfig) else "!"
 
 
-def pipeline_configs(layout: ModelLayout, variant: Variant | str) -> dict[str, dict[str, Any]]:
+def pipeline_configs(layout: ModelLayout, variant: PreviewVariant | str) -> dict[str, dict[str, Any]]:
     """Every config file of a diffusers pipeline folder for `layout`, keyed by its relative path."""
-    variant = VARIANTS[variant] if isinstance(variant, str) else variant
+    variant = archs.preview_variants()[variant] if isinstance(variant, str) else variant
     if variant.arch != layout.arch:
         raise ValueError(f"variant {variant.name} is {variant.arch}, the layout is {layout.arch}")
+    support = archs.get(layout.arch).preview
     files: dict[str, dict[str, Any]] = {
         "unet/config.json": unet_config(layout.unet, variant, layout),
         "vae/config.json": vae_config(layout.vae, variant),
@@ -208,39 +185,35 @@ def pipeline_configs(layout: ModelLayout, variant: Variant | str) -> dict[str, d
     te_names = ["text_encoder", "text_encoder_2"][: len(layout.text_encoders)]
     tok_names = ["tokenizer", "tokenizer_2"][: len(layout.text_encoders)]
     for i, (te, te_name, tok_name) in enumerate(zip(layout.text_encoders, te_names, tok_names)):
-        with_projection = layout.arch == "sdxl" and i == 1
-        files[f"{te_name}/config.json"] = text_encoder_config(te, with_projection=with_projection, arch=layout.arch)
+        files[f"{te_name}/config.json"] = text_encoder_config(te, with_projection=support.text_encoder_projection[i],
+                                                              penultimate=support.penultimate_text_layer)
         tok = tokenizer_config(_pad_token(te))
         files[f"{tok_name}/tokenizer_config.json"] = tok
         files[f"{tok_name}/special_tokens_map.json"] = {k: tok[k] for k in
                                                         ("bos_token", "eos_token", "pad_token", "unk_token")}
     index: dict[str, Any] = {
-        "_class_name": "StableDiffusionXLPipeline" if layout.arch == "sdxl" else "StableDiffusionPipeline",
+        "_class_name": support.pipeline,
         "scheduler": ["diffusers", variant.scheduler],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     for i, (te_name, tok_name) in enumerate(zip(te_names, tok_names)):
-        with_projection = layout.arch == "sdxl" and i == 1
+        with_projection = support.text_encoder_projection[i]
         index[te_name] = ["transformers", "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"]
         index[tok_name] = ["transformers", "CLIPTokenizer"]
-    if layout.arch == "sdxl":
-        index.update({"force_zeros_for_empty_prompt": True, "add_watermarker": False})
-    else:
-        index.update({"feature_extractor": [None, None], "safety_checker": [None, None],
-                      "requires_safety_checker": False})
+    index.update({k: [None, None] if v is None else v for k, v in support.pipeline_options.items()})
     files["model_index.json"] = dict(sorted(index.items()))
     return dict(sorted(files.items()))
 
 
 def real_configs(name: str) -> dict[str, dict[str, Any]]:
-    """The generated configs of a released architecture (what merge_lab/configs/<name>/ holds)."""
-    variant = VARIANTS[name]
+    """The generated configs of a released architecture (what merge_lab/archs/configs/<name>/ holds)."""
+    variant = archs.preview_variants()[name]
     return pipeline_configs(layout_for(variant.arch), variant)
 
 
 def load_shipped(name: str) -> dict[str, dict[str, Any]]:
-    """The shipped config folder merge_lab/configs/<name>/ as {relative path: config}."""
+    """The shipped config folder merge_lab/archs/configs/<name>/ as {relative path: config}."""
     folder = CONFIGS_DIR / name
     out = {}
     for path in sorted(folder.rglob("*.json")):
@@ -252,7 +225,7 @@ def _dump(config: dict[str, Any]) -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
-def write_config_folder(dest: str | os.PathLike, layout: ModelLayout, variant: Variant | str, *,
+def write_config_folder(dest: str | os.PathLike, layout: ModelLayout, variant: PreviewVariant | str, *,
                         with_tokenizer: bool = True) -> Path:
     """Write a complete diffusers config folder (no weights) for `layout`; with the CLIP vocabulary files when
     `with_tokenizer` (they must have been built, see merge_lab.preview.tokenizer), so that diffusers'
@@ -274,9 +247,9 @@ def write_config_folder(dest: str | os.PathLike, layout: ModelLayout, variant: V
 
 
 def write_shipped(root: str | os.PathLike = CONFIGS_DIR) -> list[Path]:
-    """(Re)write merge_lab/configs/<variant>/ for every released variant (configs only, no vocabulary)."""
+    """(Re)write merge_lab/archs/configs/<variant>/ for every released variant (configs only, no vocabulary)."""
     written = []
-    for name, variant in VARIANTS.items():
+    for name, variant in archs.preview_variants().items():
         written.append(write_config_folder(Path(root) / name, layout_for(variant.arch), variant,
                                            with_tokenizer=False))
     return written

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from merge_lab.analysis import analyze
-from merge_lab.archs.layouts import TINY_WIDTH, layout_for
+from merge_lab.archs import layout_for
+from merge_lab.archs.blocks import main_blocks
+from merge_lab.archs.layouts import TINY_WIDTH
 from merge_lab.cli.progress import TqdmProgress
 from merge_lab.cli.tables import format_report, format_table
 from merge_lab.demo.models import base_state_dict, make_family, save_state_dict
@@ -30,7 +32,8 @@ def add_parser(sub):
 def demo_recipes(arch: str, base: Path, fts: list[Path], out_dir: Path) -> list[tuple[str, Recipe]]:
     a, b, c = (str(p) for p in fts)
     base = str(base)
-    mbw = "0.5" + ",0.2" * (12 if arch != "sdxl" else 9) + ",0.5" + ",0.8" * (12 if arch != "sdxl" else 9)
+    # BASE and M00 0.5, the input blocks 0.2, the output blocks 0.8
+    mbw = ",".join("0.2" if b.startswith("IN") else "0.8" if b.startswith("OUT") else "0.5" for b in main_blocks(arch))
 
     def out(name: str) -> str:
         return str(out_dir / f"{arch}-{name}.safetensors")

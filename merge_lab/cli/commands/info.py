@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from merge_lab import archs
+from merge_lab.archs import current_key_name
 from merge_lab.archs.blocks import all_blocks, block_of
-from merge_lab.archs.detect import ARCH_NAMES, component_of, detect, summarize_dtypes
-from merge_lab.archs.layouts import current_key_name
+from merge_lab.archs.detect import component_of, detect, summarize_dtypes
 from merge_lab.io.checkpoints import read_header_any
 
 
@@ -28,7 +29,7 @@ def describe(path: str) -> dict:
     return {
         "file": path,
         "architecture": arch.arch,
-        "architecture_name": ARCH_NAMES[arch.arch],
+        "architecture_name": archs.get(arch.arch).title,
         "variants": list(arch.variants),
         "keys": len(header.tensors),
         "parameters": sum(t.numel for t in header.tensors.values()),

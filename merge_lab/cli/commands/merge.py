@@ -22,7 +22,8 @@ from merge_lab.engine.recipe import (
 )
 from merge_lab.errors import CheckpointError, MergeLabError, RecipeError
 from merge_lab.io.hashing import autov2, remember_sha256
-from merge_lab.io.safetensors import EXISTS_MESSAGE, SafetensorsWriter, resumable_path_for
+from merge_lab.io.resume import resumable_path_for
+from merge_lab.io.writer import EXISTS_MESSAGE, SafetensorsWriter
 
 
 def add_parser(sub):
