@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import merge_lab_methods as methods
-from merge_lab.archs.blocks import all_blocks, main_blocks
+from merge_lab import archs
 from merge_lab.archs.presets import presets
 from merge_lab.engine.executor import prepare
 from merge_lab.engine.recipe import RATIO_RANGE, Recipe
@@ -107,7 +107,7 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
     axes = [AxisOption(AXIS_PREFIX + "alpha", float, lambda p, x, xs: _with_override(p, "alpha", x),
                        format_value=lambda p, opt, x: f"α={x:g}",
                        confirm=confirm_with("alpha", lambda x: ratio_check("alpha", x)), cost=1.0)]
-    names = list(dict.fromkeys([*main_blocks("sd1"), *all_blocks("sdxl")]))
+    names = archs.all_block_names()  # every registered architecture's blocks
     for block in names:
         axes.append(AxisOption(
             f"{AXIS_PREFIX}block ratio {block}", float,
