@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.merge-lab-installed
 # torch is pinned before anything else: an unpinned torch pulls GBs of CUDA packages.
 TORCH  := torch==2.13.0
 
-# The web UIs pin old gradio versions (SPEC §6) that cannot share a venv with current diffusers: the tab
-# builder is tested on each in its own venv, without the preview extra (pins from SPEC §6).
+# The web UIs pin old gradio versions (AUTOMATIC1111 1.10 and reForge: 3.41.2, Forge: 4.40.0) that cannot share a venv with current diffusers: the tab
+# builder is tested on each in its own venv, without the preview extra (pins: the hosts' own requirements files).
 GRADIO3_PINS := gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 "huggingface_hub<1.0"
 GRADIO4_PINS := gradio==4.40.0 fastapi==0.112.2 pydantic==2.10.6 "huggingface_hub<1.0"
 

@@ -1,7 +1,7 @@
 """Registration with the host: the callbacks the web UI calls (the tab, the HTTP route, the X/Y/Z axes, model
 changes), the always-visible script that merges for X/Y/Z cells, and the one :class:`HostBackend` they share.
 
-Host facts this relies on (read from the hosts' sources, SPEC §6):
+Host facts this relies on (read from the hosts' own sources):
 
 - ``modules.script_callbacks``: ``on_ui_tabs(fn)`` (fn returns ``[(blocks, title, elem_id)]``),
   ``on_app_started(fn(demo, app))``, ``on_before_ui(fn())``, ``on_model_loaded(fn(sd_model))``.

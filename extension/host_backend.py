@@ -1,7 +1,7 @@
 """The host backend: merges loaded into the running web UI in memory, under a virtual checkpoint, and previews
 through the host's own txt2img (AUTOMATIC1111 1.10, Forge of the gradio 4 line, reForge).
 
-Host facts this relies on (read from the hosts' sources, SPEC §6):
+Host facts this relies on (read from the hosts' own sources):
 
 - AUTOMATIC1111 / reForge: ``sd_models.load_model(checkpoint_info, already_loaded_state_dict=sd)`` builds the
   model from a state dict in memory; its ``load_model_weights`` writes ``opts.sd_model_checkpoint`` unless inside

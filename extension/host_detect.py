@@ -1,7 +1,7 @@
 """Host detection: which web UI runs us (AUTOMATIC1111 1.10, Forge of the gradio 4 line, reForge) and its
 modules.
 
-Host facts this relies on (read from the hosts' sources, SPEC §6):
+Host facts this relies on (read from the hosts' own sources):
 
 - The host's modules are importable as ``modules.<name>`` (Forge adds ``modules_forge.<name>``).
 - Forge: ``sd_models.load_model`` is a stub and ``sd_models.forge_model_reload()`` loads models through its own

@@ -1,7 +1,7 @@
 """The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method`` and ``preset`` for the host's
 built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's recipe made from them.
 
-Host facts this relies on (read from the hosts' sources, SPEC §6):
+Host facts this relies on (read from the hosts' own sources):
 
 - ``modules.scripts.scripts_data`` holds ``ScriptClassData(script_class, path, basedir, module)``; the built-in
   X/Y/Z script's class has ``__module__ == "xyz_grid.py"`` and its module an ``axis_options`` list of

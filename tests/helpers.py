@@ -11,7 +11,7 @@ import torch
 
 
 def expected_block(key: str, arch: str):
-    """SPEC §2 and our extra-block rule, written independently of merge_lab.archs.blocks."""
+    """The block map (docs/blocks.md) and our extra-block rule, written independently of merge_lab.archs.blocks."""
     if key.endswith(("position_ids", "logit_scale")):
         return None
     m = re.match(r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.", key)

@@ -1,4 +1,4 @@
-"""The tab builder and the host adapter on the gradio versions the web UIs pin, each in its own venv (SPEC §6):
+"""The tab builder and the host adapter on the gradio versions the web UIs pin, each in its own venv:
 gradio 3.41.2 (AUTOMATIC1111 1.10, reForge) in .venv-gradio3 with the A1111 and reForge stand-ins, gradio
 4.40.0 (Forge) in .venv-gradio4 with the Forge stand-in. `make test` creates both venvs (once, stamped)
 before pytest runs; this suite itself runs on the newest gradio. Both venvs run at the same time."""

@@ -8,7 +8,7 @@ from merge_lab.errors import RecipeError
 
 from .helpers import expected_block
 
-REAL_COUNTS = {  # SPEC §1: unet, vae, text encoders
+REAL_COUNTS = {  # the released checkpoints' key counts: unet, vae, text encoders, all
     "sd1": (686, 248, 197, 1131),
     "sdxl": (1680, 248, 197 + 390, 2515),
 }

@@ -40,8 +40,8 @@ def test_sudoku_golden_rows(call, base_value):
     models = [base + SUDOKU_A, base + SUDOKU_B]
     count = call("ties_soup", models, base, k=0.5)
     mass = call("ties", models, base, k=0.5)
-    assert count[0].tolist() == [base_value + v for v in (3, 3, 3, 0)]  # SPEC §3: count vote [3,3,3,0]
-    assert mass[0].tolist() == [base_value + v for v in (3, 3, 3, 4)]  # SPEC §3: mass vote [3,3,3,4]
+    assert count[0].tolist() == [base_value + v for v in (3, 3, 3, 0)]  # count vote [3,3,3,0]
+    assert mass[0].tolist() == [base_value + v for v in (3, 3, 3, 4)]  # mass vote [3,3,3,4]
     assert torch.equal(count, base + SUDOKU_COUNT)
     assert torch.equal(mass, base + SUDOKU_MASS)
     assert torch.equal(call("ties", models, base, k=0.5, election="count"), count)

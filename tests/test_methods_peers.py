@@ -1,4 +1,4 @@
-"""Cross-checks against sd-mecha 1.1.8 (PyPI) where the definitions coincide (SPEC §3), on random tiny
+"""Cross-checks against sd-mecha 1.1.8 (PyPI) where the definitions coincide (docs/methods.md), on random tiny
 checkpoints written to files and merged by both programs.
 
 - model_stock, row granularity, 2 fine-tunes = sd-mecha `n_model_stock` (cosines along the last dimension:

@@ -1,4 +1,4 @@
-"""`merge-lab ui` in a real browser (Playwright driving Debian's chromium, SPEC §7) on tiny demo checkpoints:
+"""`merge-lab ui` in a real browser (Playwright driving Debian's chromium) on tiny demo checkpoints:
 pick models, set a block ratio, analyze, merge, preview; assert on what the page shows; keep a screenshot
 (tests/_cache/screenshots/merge-lab-ui-<gradio>.png).
 
