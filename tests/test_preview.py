@@ -253,7 +253,7 @@ def test_preview_command_merges_in_memory_without_saving(render_sd1_family, tmp_
 
 
 # Each sampler's diffusers scheduler, its web-UI name, and the options that make it that sampler (written here
-# independently of preview.SAMPLERS).
+# independently of merge_lab.preview.settings.SAMPLERS).
 SAMPLER_SCHEDULERS = {
     "euler": ("Euler", "EulerDiscreteScheduler", {"use_karras_sigmas": False}),
     "euler_a": ("Euler a", "EulerAncestralDiscreteScheduler", {}),
