@@ -2,8 +2,8 @@
 
 import pytest
 
-from merge_lab.archs.blocks import all_blocks, block_of, main_blocks, resolve_ratios
 from merge_lab.archs import layout_for
+from merge_lab.archs.blocks import all_blocks, block_of, main_blocks, resolve_ratios
 from merge_lab.errors import RecipeError
 
 from .helpers import expected_block
