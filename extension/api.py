@@ -20,8 +20,7 @@ import time
 from typing import Any
 
 import merge_lab_methods as methods
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import MergeCancelled, MergeLabError
 
 from . import analysis_view

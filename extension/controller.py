@@ -18,8 +18,7 @@ import merge_lab_methods as methods
 from merge_lab import archs
 from merge_lab.archs import current_key_name
 from merge_lab.archs.detect import detect
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import MergeCancelled, MergeLabError, RecipeError
 from merge_lab.io.checkpoints import read_header_any
 

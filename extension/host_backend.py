@@ -34,8 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from merge_lab.engine.executor import MergePlan, merge_to_file, merge_to_state_dict, prepare
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import MergePlan, Recipe, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.errors import RecipeError
 
 from .backend import Backend, HostLoadError, PreviewResult, PreviewSettings, ProgressFn

@@ -10,8 +10,7 @@ import time
 from collections.abc import Sequence
 from types import SimpleNamespace
 
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab.errors import MergeLabError
 
 from .backend import FolderBackend, PreviewResult, PreviewSettings, PreviewUnavailable, ProgressFn

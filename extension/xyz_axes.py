@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import merge_lab_methods as methods
 from merge_lab import archs
 from merge_lab.archs.presets import presets
-from merge_lab.engine.executor import prepare
+from merge_lab.engine import prepare
 from merge_lab.engine.recipe import RATIO_RANGE, Recipe
 from merge_lab.errors import RecipeError
 

@@ -14,9 +14,9 @@ import torch
 
 import merge_lab_methods as methods
 from merge_lab.archs.blocks import extra_blocks, main_blocks
+from merge_lab.engine import MergePlan, Recipe, prepare
 from merge_lab.engine.block_stats import BlockGrams, block_grams
-from merge_lab.engine.executor import MergePlan, ProgressFn, prepare
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine.chunking import ProgressFn
 from merge_lab.errors import RecipeError
 
 

@@ -15,8 +15,7 @@ from merge_lab import archs
 from merge_lab.archs.blocks import block_of, key_role, resolve_ratios
 from merge_lab.archs.detect import detect
 from merge_lab.archs.presets import preset_values
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import CheckpointError, RecipeError
 from merge_lab.io.checkpoints import read_header_any
 

@@ -9,8 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merge_lab.engine.executor import merge_to_file, merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict
 
 from .helpers import expected_block, mergeable
 
@@ -81,11 +80,11 @@ def test_add_difference_three_models_and_base_form(sd1_family, tmp_path):
 
 def force_small_units(monkeypatch, unit=1500, slice_=300):
     """Tiny test tensors would fit one unit and one slice: make both small to exercise the splitting."""
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
-    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", unit)
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", slice_)
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "UNIT_MAX_ELEMENTS", unit)
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", slice_)
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
 
 
 def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp_path, monkeypatch):
@@ -109,7 +108,7 @@ def test_in_memory_merge_equals_file_and_chunking_changes_no_bit(sd1_family, tmp
 
 
 def test_chunking_really_splits(sd1_family, monkeypatch):
-    from merge_lab.engine.executor import prepare
+    from merge_lab.engine import prepare
 
     _, (a, b, _) = sd1_family
     with prepare(Recipe(models=[str(a), str(b)])) as plan:
@@ -216,7 +215,7 @@ def test_sd2_and_sdxl_merge(sd2_family, sdxl_family, tmp_path):
 def test_preset_names_with_digits(sd1_family, tmp_path):
     """FLAT_25, WRAP08, … are preset names, not value strings (their names hold digits)."""
     from merge_lab.archs.presets import preset_values
-    from merge_lab.engine.executor import prepare
+    from merge_lab.engine import prepare
 
     _, (a, b, _) = sd1_family
     for name in ("FLAT_25", "WRAP08", "MID12_50", "GRAD_V"):

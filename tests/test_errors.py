@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from merge_lab.demo.models import save_state_dict
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import MergeLabError
 
 

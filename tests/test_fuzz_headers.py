@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import CheckpointError, MergeLabError
 from merge_lab.io.header import MAX_HEADER_BYTES, read_header
 from merge_lab.io.reader import SafetensorsReader

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merge_lab_methods as M
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab.errors import MergeLabError
 from merge_lab_methods import kernels
 from merge_lab_methods.model_stock import gram, model_stock, model_stock_raw_merge, pairwise_cosines
@@ -102,12 +101,12 @@ def counting(monkeypatch, name, field):
 
 
 def test_the_engine_merges_model_stock_with_the_kernels(sd1_family, monkeypatch):
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
     base, fts = sd1_family
     recipe = Recipe(models=[str(p) for p in fts], base=str(base), method="model_stock", alpha=0.8)
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)  # keys of several slices: statistics first
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", 300)  # keys of several slices: statistics first
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
     merges = counting(monkeypatch, "model_stock", "merge")
     statistics = counting(monkeypatch, "model_stock", "statistics")
     compiled = merge_to_state_dict(recipe).state_dict
@@ -185,12 +184,12 @@ def test_the_ties_kernels_decline_what_they_do_not_cover(name, params):
 
 @pytest.mark.parametrize("name", ["ties_soup", "tsd"])
 def test_the_engine_merges_ties_soup_and_tsd_with_the_kernels_to_the_same_bits(name, sd1_family, monkeypatch):
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
     base, fts = sd1_family
     recipe = Recipe(models=[str(p) for p in fts], base=str(base), method=name, alpha=0.8, seed=5)
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", 300)
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
     merges = counting(monkeypatch, name, "merge")
     compiled = merge_to_state_dict(recipe).state_dict
     assert sum(merges) > 100

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from merge_lab.archs import layout_for
 from merge_lab.demo.models import save_state_dict
-from merge_lab.engine.executor import merge_to_state_dict, prepare
+from merge_lab.engine import merge_to_state_dict, prepare
 from merge_lab.engine.recipe import Recipe, parse_size
 from merge_lab.io.header import ITEMSIZE
 
@@ -39,11 +39,11 @@ def read_one(path, key):
 
 
 def small_units(monkeypatch):
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
-    monkeypatch.setattr(engine, "UNIT_MAX_ELEMENTS", 8192)  # the bigger tiny tensors split into several units
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 2048)
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "UNIT_MAX_ELEMENTS", 8192)  # the bigger tiny tensors split into several units
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", 2048)
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
 
 
 # The methods of the published many-model recipes (TIES-SOUP, TSD, Model Stock) and the plain mean. (TIES
@@ -98,8 +98,7 @@ def test_forty_model_ties_stays_small(many_sdxl, tmp_path):
     base, models = many_sdxl
     code = (
         "import json, sys\n"
-        "from merge_lab.engine.executor import merge_to_file\n"
-        "from merge_lab.engine.recipe import Recipe\n"
+        "from merge_lab.engine import Recipe, merge_to_file\n"
         "a = json.loads(sys.argv[1])\n"
         "merge_to_file(Recipe(models=a['models'], base=a['base'], method='ties', out=a['out']))\n"
         # VmHWM, not ru_maxrss: Linux carries the forking (pytest) process's high-water mark into ru_maxrss

@@ -9,8 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import merge_lab_methods as methods
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 
 from .helpers import mergeable
 

@@ -10,8 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import merge_lab_methods as methods
-from merge_lab.engine.executor import merge_to_file, merge_to_state_dict, prepare
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.errors import MergeLabError, RecipeError
 
 from .helpers import expected_block, mergeable
@@ -172,14 +171,14 @@ def test_model_stock_merges_from_the_kept_sum_with_the_same_bits(family, request
     once); the result is the same bits as converting them again, fp16 (our copies) and fp32 inputs alike."""
     import dataclasses
 
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
     monkeypatch.setenv("MERGE_LAB_KERNELS", "0")  # the torch form (the compiled one keeps no partial)
     registry = M.registry
     base, fts = request.getfixturevalue(family)
     recipe = Recipe(models=[str(p) for p in fts], base=str(base), method="model_stock", alpha=0.8)
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 300)  # every key of more than 300 elements: several slices
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", 300)  # every key of more than 300 elements: several slices
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
     method = registry.REGISTRY["model_stock"]
     calls = []
 

@@ -14,8 +14,7 @@ import torch
 
 from merge_lab.archs import layout_for
 from merge_lab.demo.models import base_state_dict, finetune_state_dict, save_state_dict
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 
 
 class _NoProgress:

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 from merge_lab import archs
 from merge_lab.archs import layout_for
 from merge_lab.archs.detect import Architecture
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab.errors import MergeLabError
 from merge_lab.preview.convert import component_names, convert_state_dict, ignored_keys
 from merge_lab.preview.diffusers_configs import (

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_lab.demo.models import make_family, save_state_dict
-from merge_lab.engine.executor import merge_to_file, merge_to_state_dict, to_output_dtype
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict
+from merge_lab.engine.executor import to_output_dtype
 from merge_lab.errors import MergeLabError
 
 from .conftest import TEST_VOCAB, TEST_WIDTH

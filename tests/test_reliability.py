@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_lab.cli import main
-from merge_lab.engine.executor import merge_to_file, merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict
 from merge_lab.errors import CheckpointError, MergeLabError
 from merge_lab.io.resume import PARTIAL_SUFFIX
 from merge_lab.io.writer import SafetensorsWriter
@@ -357,10 +356,10 @@ def test_nonfinite_take_first_and_zero(with_nan, tmp_path, policy):
 def test_nonfinite_in_model_stock_statistics(sd1_family, with_nan, tmp_path, monkeypatch, policy):
     """Model Stock finds NaN/inf through its Gram matrix instead of checking the inputs first: the same
     error, or the same merge as of the input with the policy applied, for a key of several slices."""
-    from merge_lab.engine import executor as engine
+    from merge_lab.engine import chunking
 
-    monkeypatch.setattr(engine, "SLICE_ELEMENTS", 32)  # KEY (8 rows of 8): 2 slices
-    monkeypatch.setattr(engine, "MIN_SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(chunking, "SLICE_ELEMENTS", 32)  # KEY (8 rows of 8): 2 slices
+    monkeypatch.setattr(chunking, "MIN_SLICE_ELEMENTS", 1)
     base, (a, _, c) = sd1_family
     _, _, bad, positions = with_nan
     assert math.prod(load_file(bad)[KEY].shape) > 32

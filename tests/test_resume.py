@@ -10,9 +10,8 @@ import pytest
 from safetensors import safe_open
 
 from merge_lab import cli
+from merge_lab.engine import Recipe, merge_to_file, prepare
 from merge_lab.engine import executor as engine
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
 from merge_lab.errors import CheckpointError, MergeCancelled
 from merge_lab.io import writer as writer_io
 from merge_lab.io.resume import resumable_path_for
@@ -162,7 +161,7 @@ def test_a_partial_file_in_use_is_not_shared(sd1_family, tmp_path):
     pytest.importorskip("fcntl")  # the lock is POSIX-only; Windows has no second writer check
     out = tmp_path / "merged.safetensors"
     recipe = recipe_for(sd1_family, out)
-    plan = engine.prepare(recipe)
+    plan = prepare(recipe)
     try:
         first = writer_io.SafetensorsWriter(out, plan.output_entries(), {}, resume=True)
         with pytest.raises(CheckpointError, match="another merge is writing"):

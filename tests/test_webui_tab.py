@@ -16,8 +16,7 @@ from safetensors import safe_open
 
 import merge_lab_methods as methods
 from merge_lab.archs.presets import preset_values
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab_extension.backend import FolderBackend
 from merge_lab_extension.compat import is_update, update_value
 from merge_lab_extension.form import block_fields, default_alpha, form_from_record, slider_blocks

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab.errors import MergeLabError
 from merge_lab.plot.grid import draw_grid
 from merge_lab.plot.xyz import parse_axis, run_xyz

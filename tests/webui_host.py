@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from merge_lab.engine.executor import merge_to_state_dict
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = Path(__file__).resolve().parent / "webui_standin"

@@ -155,8 +155,7 @@ def worker_main(argv: list[str]) -> int:
     if variant == "floor":
         io_floor([*models, *([base] if base != "-" else [])], out)
     elif variant == "ours":
-        from merge_lab.engine.executor import merge_to_file
-        from merge_lab.engine.recipe import Recipe
+        from merge_lab.engine import Recipe, merge_to_file
 
         recipe = Recipe(**json.loads(method))
         merge_to_file(recipe.replace(out=out), overwrite=True)

@@ -19,15 +19,9 @@ from typing import Any
 import torch
 
 import merge_lab_methods as methods
-from merge_lab.engine.executor import (
-    UNIT_MAX_ELEMENTS,
-    Executor,
-    KeyTask,
-    MergePlan,
-    ProgressFn,
-    _one_torch_thread,
-    _row_chunks,
-)
+from merge_lab.engine.chunking import UNIT_MAX_ELEMENTS, ProgressFn, _row_chunks
+from merge_lab.engine.loader import Loader, _one_torch_thread
+from merge_lab.engine.plan import KeyTask, MergePlan
 from merge_lab.errors import MergeCancelled
 from merge_lab.io.header import ITEMSIZE
 
@@ -68,7 +62,7 @@ def block_grams(plan: MergePlan, units: list[AnalysisUnit] | None = None, *, pro
     gram = methods.model_stock.gram  # exact: small angles between raw weights need float64 products
     units = analysis_units(plan) if units is None else units
     total = total if total is not None else sum(u.nbytes for u in units)
-    loader = Executor(plan)
+    loader = Loader(plan)
     n = len(plan.models)
     grams: dict[str, torch.Tensor] = {}
     keys: dict[str, int] = {}

@@ -252,7 +252,7 @@ def _cells(recipe: Recipe, settings, axes: dict[str, Axis | None]) -> list[Cell]
 
 def _fingerprints(cells: list[Cell]) -> None:
     """The engine's recipe hash of every cell (headers and cached input hashes only; nothing merged yet)."""
-    from merge_lab.engine.executor import prepare
+    from merge_lab.engine import prepare
 
     seen: dict[str, str] = {}
     for cell in cells:
@@ -273,7 +273,7 @@ def run_xyz(recipe: Recipe, settings, out_dir: str | os.PathLike, *, x: Axis | N
     tests; `cache` is the preview PipelineCache (default: the shared one)."""
     from tqdm import tqdm
 
-    from merge_lab.engine.executor import merge_to_state_dict
+    from merge_lab.engine import merge_to_state_dict
     from merge_lab.plot.grid import draw_grid
     from merge_lab.preview.infotext import merged_model_name, save_png
     from merge_lab.preview.pipeline import default_cache, render_merge

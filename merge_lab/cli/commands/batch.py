@@ -7,8 +7,7 @@ from pathlib import Path
 
 from merge_lab.cli.progress import TqdmProgress
 from merge_lab.cli.tables import format_table
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import MergeLabError, RecipeError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")

@@ -15,8 +15,7 @@ from merge_lab.archs.layouts import TINY_WIDTH
 from merge_lab.cli.progress import TqdmProgress
 from merge_lab.cli.tables import format_report, format_table
 from merge_lab.demo.models import base_state_dict, make_family, save_state_dict
-from merge_lab.engine.executor import merge_to_file
-from merge_lab.engine.recipe import Recipe
+from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.plot.heatmap import render_heatmap
 
 

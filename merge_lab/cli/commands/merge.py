@@ -15,7 +15,7 @@ from merge_lab.cli.args import (
 )
 from merge_lab.cli.commands.preview import save_previews
 from merge_lab.cli.progress import TqdmProgress
-from merge_lab.engine.executor import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
+from merge_lab.engine import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.engine.recipe import (
     Recipe,
     check_output_path,

@@ -52,7 +52,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from merge_lab.cli.args import recipe_from_args
-    from merge_lab.engine.executor import merge_to_state_dict
+    from merge_lab.engine import merge_to_state_dict
 
     settings = settings_from_args(args)
     folder = Path(args.preview_dir or "previews")

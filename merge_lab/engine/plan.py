@@ -1,0 +1,286 @@
+"""The plan of a merge: the recipe checked against the models' headers, and for every key whether it is merged
+(with its block's ratio, through merge_lab.archs), copied from one model or refused, and in which units of rows.
+`prepare` reads no tensor data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import merge_lab_methods as methods
+from merge_lab import __version__, archs
+from merge_lab.archs import current_key_name
+from merge_lab.archs.blocks import block_of, key_role, parse_values, resolve_ratios
+from merge_lab.archs.detect import Architecture, detect
+from merge_lab.archs.presets import names_preset, preset_values
+from merge_lab.engine.chunking import _assign_chunks
+from merge_lab.engine.metadata import _hash_inputs, fingerprint
+from merge_lab.engine.recipe import Recipe, parse_size
+from merge_lab.errors import MergeLabError, RecipeError
+from merge_lab.io.checkpoints import open_checkpoint
+from merge_lab.io.writer import OutputEntry
+
+DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
+# An output dtype per key: the first model's dtype of that key (files mix an fp32 VAE with an fp16 UNet).
+PER_KEY_DTYPE = "per-key"
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Input:
+    path: str
+    reader: Any
+    role: str  # "model" | "base"
+    index: int  # position among the models (the base: -1)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+@dataclass
+class KeyTask:
+    key: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    action: str  # "merge" | "copy"
+    block: str | None = None
+    ratio: float = 0.0
+    source: int = 0  # input to copy from
+    chunks: list[tuple[int, int] | None] = field(default_factory=lambda: [None])
+    needs_stats: bool = False
+    # An inpainting / instruct-pix2pix model A merged with normal models: only the first `channels` input
+    # channels (dim 1) of this key are merged, `shape` is theirs; the output has A's `full_shape`, the other
+    # channels A's values (A1111's run_modelmerger does the same).
+    channels: int | None = None
+    full_shape: tuple[int, ...] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.full_shape or self.shape
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    arch: Architecture
+    models: list[Input]
+    base: Input | None
+    method: Any
+    params: dict[str, Any]
+    ratios: dict[str, float]
+    tasks: list[KeyTask]
+    out_dtype: str
+    compute_dtype: torch.dtype
+    device: torch.device
+    threads: int
+    budget: int
+    hashes: dict[str, str] = field(default_factory=dict)  # input path -> sha256
+    fingerprint: str = ""
+
+    @property
+    def inputs(self) -> list[Input]:
+        return [*self.models, *([self.base] if self.base else [])]
+
+    def close(self) -> None:
+        for inp in self.inputs:
+            inp.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def output_entries(self) -> list[OutputEntry]:
+        return [OutputEntry(t.key, t.out_dtype, t.out_shape) for t in self.tasks]
+
+    def recipe_record(self) -> dict[str, Any]:
+        """The recipe as stored in the output's `sd_merge_recipe` metadata (names, not local paths)."""
+        r = self.recipe
+        record = {
+            "type": "merge-lab",
+            "version": __version__,
+            "method": self.method.name,
+            "models": [m.name for m in self.models],
+            "base": self.base.name if self.base else None,
+            "alpha": r.effective_alpha(),
+            "blocks": r.blocks,
+            "block": dict(r.block or {}),
+            "ratios": self.ratios,
+            "params": self.params,
+            "weights": r.weights,
+            "seed": r.seed,
+            "dtype": _dtype_flag(self.out_dtype),
+            "prune": r.prune or None,
+            "precision": r.precision,
+            "missing": r.missing,
+            "nonfinite": r.nonfinite,
+            "recipe_hash": self.fingerprint,
+        }
+        return {k: v for k, v in record.items() if v is not None}
+
+
+def _dtype_flag(dtype: str) -> str:
+    return {v: k for k, v in DTYPE_FLAGS.items()}.get(dtype, dtype)
+
+
+def prepare(recipe: Recipe, *, hash_inputs: bool = True) -> MergePlan:
+    """Validate the recipe against the models' headers and plan every key. Reads no tensor data."""
+    recipe.validate()
+    M = methods
+    method = M.get_method(recipe.method)
+    params = method.normalize_params(recipe.params)
+    model_paths = recipe.expanded_models()
+
+    inputs: list[Input] = []
+    base = None
+    try:
+        for i, p in enumerate(model_paths):
+            inputs.append(Input(p, open_checkpoint(p, current_key_name), "model", i))
+        if recipe.base:
+            base = Input(recipe.base, open_checkpoint(recipe.base, current_key_name), "base", -1)
+        all_inputs = [*inputs, *([base] if base else [])]
+
+        archs = [detect(inp.reader.tensors, inp.reader.metadata, inp.path) for inp in all_inputs]
+        for inp, a in zip(all_inputs[1:], archs[1:]):
+            if a.arch != archs[0].arch:
+                raise RecipeError(f"is {a.arch} but {all_inputs[0].name} is {archs[0].arch}: "
+                                  "models of different architectures cannot be merged", path=inp.path)
+        arch = archs[0]
+        values = _block_values(recipe, arch.arch)
+        ratios = resolve_ratios(arch.arch, recipe.effective_alpha(), values, recipe.block)
+
+        out_dtype = DTYPE_FLAGS[recipe.dtype] if recipe.dtype else PER_KEY_DTYPE
+        if not recipe.dtype:
+            _dominant_float_dtype(inputs[0])  # a file without any float tensor is refused here
+        compute_dtype = COMPUTE_DTYPES[recipe.precision]
+        device = torch.device(recipe.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RecipeError("device cuda requested but torch sees no CUDA device")
+        threads = recipe.threads or min(4, os.cpu_count() or 1)
+        budget = parse_size(recipe.memory_budget)
+
+        plan = MergePlan(recipe, arch, inputs, base, method, params, ratios, [], out_dtype, compute_dtype,
+                         device, threads, budget)
+        plan.tasks = _plan_tasks(plan)
+        if hash_inputs:
+            plan.hashes = _hash_inputs(all_inputs)
+        plan.fingerprint = fingerprint(plan)
+        return plan
+    except BaseException:
+        for inp in [*inputs, *([base] if base else [])]:
+            inp.reader.close()
+        raise
+
+
+def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
+    spec = recipe.blocks
+    if spec is None or spec == "":
+        return None
+    if names_preset(spec):
+        return preset_values(spec.strip(), arch)
+    return parse_values(spec)
+
+
+def _dominant_float_dtype(inp: Input) -> str:
+    counts = Counter(t.dtype for k, t in inp.reader.tensors.items() if t.is_float and t.numel > 1)
+    if not counts:
+        raise RecipeError("has no floating-point tensors", path=inp.path)
+    return counts.most_common(1)[0][0]
+
+
+def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
+    arch = plan.arch.arch
+    merge_inputs = plan.inputs
+    order: list[str] = list(plan.models[0].reader.tensors)
+    seen = set(order)
+    for inp in merge_inputs[1:]:
+        for key in inp.reader.tensors:
+            if key not in seen:
+                seen.add(key)
+                order.append(key)
+
+    tasks = []
+    for key in order:
+        holders = [i for i, inp in enumerate(merge_inputs) if key in inp.reader.tensors]
+        first = merge_inputs[holders[0]]
+        info = first.reader.tensors[key]
+        role = key_role(key, arch)
+        if role == "unknown":
+            raise MergeLabError(f"is not part of the {archs.get(arch).title} layout we know; refusing to copy it "
+                                "unmerged (remove the key, or report the file's origin)", path=first.path, key=key)
+        if role == "leftover" and plan.recipe.prune:
+            continue
+        out_dtype = plan.out_dtype if plan.out_dtype != PER_KEY_DTYPE and info.is_float else info.dtype
+        block = block_of(key, arch)
+        if role != "merge":
+            tasks.append(KeyTask(key, info.shape, out_dtype, "copy", block, source=holders[0]))
+            continue
+        if not info.is_float:
+            raise MergeLabError(f"dtype {info.dtype} of a weight is not floating point; refusing to copy it "
+                                "unmerged", path=first.path, key=key)
+        if len(holders) != len(merge_inputs):
+            missing = next(inp for i, inp in enumerate(merge_inputs) if i not in holders)
+            if plan.recipe.missing != "take-first":
+                raise MergeLabError(f"is missing (present in {first.name}); use --missing take-first to copy it "
+                                    "from the first model that has it", path=missing.path, key=key)
+            tasks.append(KeyTask(key, info.shape, out_dtype, "copy", block, source=holders[0]))
+            continue
+        channels = None
+        for inp in merge_inputs:
+            other = inp.reader.tensors[key]
+            if other.shape != info.shape:
+                channels = _merged_channels(key, merge_inputs, plan)
+            if not other.is_float:
+                raise MergeLabError(f"dtype {other.dtype} is not floating point, {first.name} has {info.dtype}",
+                                    path=inp.path, key=key)
+        if channels is None:
+            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=plan.ratios[block]))
+        else:
+            narrow = (info.shape[0], channels, *info.shape[2:])
+            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=plan.ratios[block],
+                                 channels=channels, full_shape=info.shape))
+
+    _assign_chunks(plan, tasks)
+    return tasks
+
+
+# Input channels of the first UNet convolution: 4 latent channels, + 4 of the masked image and 1 of the mask
+# (inpainting), + 4 of the original image's latent (instruct-pix2pix).
+_VARIANT_CHANNELS = {9: "an inpainting model (9 input channels)", 8: "an instruct-pix2pix model (8 input channels)"}
+FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+LATENT_CHANNELS = 4
+
+
+def _merged_channels(key: str, inputs: list[Input], plan: MergePlan) -> int:
+    """The inputs of `key` differ in shape: the number of leading input channels to merge when that is the
+    inpainting / instruct-pix2pix case (A that model, every other input a normal one), else a one-line error."""
+    first = inputs[0]
+    shape = first.reader.tensors[key].shape
+    shapes = [inp.reader.tensors[key].shape for inp in inputs]
+    differ = next(inp for inp, s in zip(inputs, shapes) if s != shape)
+    other = differ.reader.tensors[key].shape
+    if key != FIRST_CONV or len(shape) != 4 or any(len(s) != 4 or s[:1] + s[2:] != shape[:1] + shape[2:]
+                                                   for s in shapes):
+        raise MergeLabError(f"shape {list(other)} differs from {list(shape)} in {first.name}", path=differ.path,
+                            key=key)
+    wide = next((inp for inp, s in zip(inputs, shapes) if s[1] in _VARIANT_CHANNELS and s[1] != shape[1]), None)
+    if shape[1] == LATENT_CHANNELS and wide is not None:
+        what = _VARIANT_CHANNELS[wide.reader.tensors[key].shape[1]]
+        raise MergeLabError(f"is {what} and {first.name} is not: put it first, as model A (its extra input "
+                            "channels are kept from A, as in A1111's merger)", path=wide.path, key=key)
+    if shape[1] in _VARIANT_CHANNELS and all(s[1] == LATENT_CHANNELS for s in shapes[1:]):
+        return LATENT_CHANNELS
+    raise MergeLabError(f"shape {list(other)} differs from {list(shape)} in {first.name} (an inpainting or "
+                        "instruct-pix2pix model A merges only with normal models)", path=differ.path, key=key)
