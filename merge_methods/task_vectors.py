@@ -82,7 +82,7 @@ def trim_(tau: torch.Tensor, k: float) -> torch.Tensor:
 
     The threshold is the m-th smallest magnitude, m = max(⌊(1−k)·n⌋, 1), and every entry at least as large
     is kept: ties at the threshold survive, so a little more than k·n entries may be kept. This is sd-mecha's
-    rule (tests/test_methods_golden.py holds its values); mergekit keeps exactly ⌊k·n⌋ entries after a full sort. Found by
+    rule (tests/methods/test_methods_golden.py holds its values); mergekit keeps exactly ⌊k·n⌋ entries after a full sort. Found by
     selection, never by sorting."""
     if k >= 1:
         return tau

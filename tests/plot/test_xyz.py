@@ -17,8 +17,7 @@ from merge_lab.plot.xyz import parse_axis, run_xyz
 from merge_lab.preview.infotext import read_png_metadata
 from merge_lab.preview.pipeline import PipelineCache, render_merge
 from merge_lab.preview.settings import PreviewSettings
-
-from .helpers import pixels
+from tests.helpers import pixels
 
 SMALL = dict(steps=2, width=64, height=64, dtype="fp32", device="cpu", prompt="a red house")
 FLAT_25 = "0," + ",".join(["0.25"] * 25)  # the FLAT_25 preset written out

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 import merge_lab_methods as methods
 from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.errors import MergeLabError, RecipeError
-
-from .helpers import expected_block, mergeable
+from tests.helpers import expected_block, mergeable
 
 M = methods
 

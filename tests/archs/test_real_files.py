@@ -20,8 +20,7 @@ from merge_lab.demo.models import make_family, save_state_dict
 from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict
 from merge_lab.engine.executor import to_output_dtype
 from merge_lab.errors import MergeLabError
-
-from .conftest import TEST_VOCAB, TEST_WIDTH
+from tests.conftest import TEST_VOCAB, TEST_WIDTH
 
 FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 K_UNET = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"

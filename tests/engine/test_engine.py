@@ -10,8 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_lab.engine import Recipe, merge_to_file, merge_to_state_dict
-
-from .helpers import expected_block, mergeable
+from tests.helpers import expected_block, mergeable
 
 
 def ws_reference(a, b, r):

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 import merge_lab_methods as methods
 from merge_lab.engine import Recipe, merge_to_state_dict
-
-from .helpers import mergeable
+from tests.helpers import mergeable
 
 M = methods
 

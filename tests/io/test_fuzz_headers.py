@@ -26,8 +26,7 @@ from merge_lab.engine import Recipe, merge_to_file
 from merge_lab.errors import CheckpointError, MergeLabError
 from merge_lab.io.header import MAX_HEADER_BYTES, read_header
 from merge_lab.io.reader import SafetensorsReader
-
-from .fuzz_safetensors import (
+from tests.io.fuzz_safetensors import (
     MUTATIONS,
     byte_edited_file,
     dumps,

@@ -1,4 +1,4 @@
-"""Bring up the stand-in web UI (tests/webui_standin) with Merge Lab installed as an extension."""
+"""Bring up the stand-in web UI (tests/extension/webui_standin) with Merge Lab installed as an extension."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from merge_lab.engine import Recipe, merge_to_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).resolve().parent / "webui_standin"
 
 

@@ -32,8 +32,7 @@ from merge_lab.preview.tokenizer import (
     tokenizer_dir,
     vocabulary_from_bpe,
 )
-
-from .helpers import pixels
+from tests.helpers import pixels
 
 VARIANTS = archs.preview_variants()
 

@@ -21,8 +21,7 @@ from merge_lab_extension.backend import FolderBackend
 from merge_lab_extension.compat import is_update, update_value
 from merge_lab_extension.form import block_fields, default_alpha, form_from_record, slider_blocks
 from merge_lab_extension.ui import build_tab
-
-from .test_gradio_versions import VENVS as GRADIO_VENVS
+from tests.extension.test_gradio_versions import VENVS as GRADIO_VENVS
 
 
 @pytest.fixture

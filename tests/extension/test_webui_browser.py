@@ -22,7 +22,7 @@ from safetensors import safe_open
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parent / "_cache" / "screenshots"
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "_cache" / "screenshots"
 
 
 def _free_port() -> int:
@@ -40,7 +40,7 @@ def demo_models(tmp_path_factory):
     return folder
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVERS = {"newest": ".venv", "gradio3": ".venv-gradio3", "gradio4": ".venv-gradio4"}
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 VENVS = {
     # venv: (gradio version it must hold, the hosts that ship it)
     ".venv-gradio3": ("3.41.2", "a1111,reforge"),
     ".venv-gradio4": ("4.40.0", "forge"),
 }
-TESTS = ["tests/test_webui_tab.py", "tests/test_webui_host.py"]
+TESTS = ["tests/extension/test_webui_tab.py", "tests/extension/test_webui_host.py"]
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import merge_lab_methods as methods
-
-from .helpers import reference_draws
+from tests.helpers import reference_draws
 
 M = methods
 ctx_for = M.KeyContext

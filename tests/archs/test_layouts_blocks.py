@@ -5,8 +5,7 @@ import pytest
 from merge_lab.archs import layout_for
 from merge_lab.archs.blocks import all_blocks, block_of, main_blocks, resolve_ratios
 from merge_lab.errors import RecipeError
-
-from .helpers import expected_block
+from tests.helpers import expected_block
 
 REAL_COUNTS = {  # the released checkpoints' key counts: unet, vae, text encoders, all
     "sd1": (686, 248, 197, 1131),

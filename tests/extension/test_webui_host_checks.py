@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 
 import merge_lab_methods as methods
-
-from .webui_host import client_for, expected_digest, recipe_of, run_xyz, start_webui, stop_webui, tab_of
+from tests.extension.webui_host import (
+    client_for,
+    expected_digest,
+    recipe_of,
+    run_xyz,
+    start_webui,
+    stop_webui,
+    tab_of,
+)
 
 
 @pytest.fixture
@@ -56,7 +63,7 @@ def _run_isolated(tmp_path, code: str, **names):
     import sys
     import sysconfig
 
-    from .webui_host import ROOT, STANDIN
+    from tests.extension.webui_host import ROOT, STANDIN
 
     names = {"SITE": sysconfig.get_paths()["purelib"], "STANDIN": str(STANDIN), "ROOT": str(ROOT), **names}
     prelude = "".join(f"{k} = {v!r}\n" for k, v in names.items())

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import merge_lab_methods as methods
-
-from .helpers import reference_mask
+from tests.helpers import reference_mask
 
 M = methods
 ctx_for = M.KeyContext

@@ -10,7 +10,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from .webui_host import (
+from tests.extension.webui_host import (
     client_for,
     digest_of,
     expected_digest,

@@ -14,8 +14,7 @@ from merge_lab.analysis import analyze
 from merge_lab.cli.tables import format_report
 from merge_lab.demo.models import save_state_dict
 from merge_lab.plot.heatmap import colour, render_heatmap
-
-from .helpers import expected_block, mergeable
+from tests.helpers import expected_block, mergeable
 
 
 def direct_angles(paths, base_path=None):

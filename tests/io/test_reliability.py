@@ -26,7 +26,7 @@ from merge_lab.errors import CheckpointError, MergeLabError
 from merge_lab.io.resume import PARTIAL_SUFFIX
 from merge_lab.io.writer import SafetensorsWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sha256(path) -> str:

@@ -1,0 +1,1 @@
+"""Tests of extension/ (the web-UI side)."""
