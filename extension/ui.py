@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from merge_lab import archs
 from merge_lab.archs.presets import presets
 from merge_lab.engine.recipe import RATIO_RANGE
 
@@ -162,9 +163,8 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                                             elem_id=ELEM_PREFIX + "use_blocks"))
                 add("preset", component(gr.Dropdown, choices=list(presets()), value=None, label="Preset",
                                         elem_id=ELEM_PREFIX + "preset"))
-            add("mbw_text", component(gr.Textbox, value="", label="Block ratios as text (26 values for SD1/SD2, "
-                                      "20 for SDXL: BASE, IN…, M00, OUT…)", elem_id=ELEM_PREFIX + "mbw_text",
-                                      lines=1))
+            add("mbw_text", component(gr.Textbox, value="", label=f"Block ratios as text ({_value_counts()})",
+                                      elem_id=ELEM_PREFIX + "mbw_text", lines=1))
             shown = set(visible_blocks(DEFAULT_ARCH))
             left, middle, right = slider_columns()
             with gr.Row():
@@ -274,6 +274,14 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
 
         _wire(tab, controller, backend)
     return tab
+
+
+def _value_counts() -> str:
+    """"26 values for SD1.x/SD2.x/SDXL refiner, 20 for SDXL …": each registered architecture's string length."""
+    counts: dict[int, list[str]] = {}
+    for spec in archs.specs():
+        counts.setdefault(len(spec.main_blocks), []).append(spec.short)
+    return ", ".join(f"{n} values for {'/'.join(who)}" for n, who in sorted(counts.items(), reverse=True))
 
 
 def _param_widget(w, default_method: str):
