@@ -39,14 +39,18 @@ def _contains(keys, *parts: str) -> bool:
     return any(p in k for k in keys for p in parts)
 
 
-def recognise_foreign(keys) -> str | None:
+def recognise_foreign(keys, known_families: set[str] | frozenset[str] = frozenset()) -> str | None:
     """What a file of an architecture we do not merge holds, by its own key names (diffusers'
-    CHECKPOINT_KEY_NAMES and ComfyUI's model detection use the same probes), or None."""
-    if _has(keys, "distilled_guidance_layer."):
+    CHECKPOINT_KEY_NAMES and ComfyUI's model detection use the same probes), or None. Families with a
+    registered record (`known_families`, ArchSpec.family) are left to their records."""
+    def foreign(family: str) -> bool:
+        return family not in known_families
+
+    if foreign("chroma") and _has(keys, "distilled_guidance_layer."):
         return "Chroma transformer keys (distilled_guidance_layer.*, double_blocks.*)"
-    if _has(keys, "double_blocks.", "single_blocks."):
+    if foreign("flux") and not _has(keys, "distilled_guidance_layer.") and _has(keys, "double_blocks.", "single_blocks."):
         return "Flux.1 transformer keys (double_blocks.*, single_blocks.*)"
-    if _has(keys, "joint_blocks."):
+    if foreign("sd3") and _has(keys, "joint_blocks."):
         return "SD3 / SD3.5 MMDiT keys (joint_blocks.*)"
     if _contains(keys, "lora_up.", "lora_down.", "lora_A.", "lora_B.", ".hada_w1", ".lokr_w1") or \
             any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for k in keys):
@@ -75,7 +79,7 @@ def detect(tensors, metadata: dict[str, str] | None = None, path: str | None = N
     """The architecture of a header's tensors ({key: TensorInfo}), or a one-line CheckpointError."""
     keys = tensors.keys()
     metadata = metadata or {}
-    foreign = recognise_foreign(keys)
+    foreign = recognise_foreign(keys, {s.family for s in specs() if s.family})
     if foreign:
         raise CheckpointError(f"holds {foreign}; this merger takes {supported()}", path=path)
     candidates = [s for s in specs() if any(k in tensors for k in s.probe_keys)]

@@ -74,6 +74,9 @@ class ArchSpec:
     block_prefixes: tuple[tuple[str, str], ...]
     # Main blocks in the order of the value strings users paste (the sliders' blocks).
     main_blocks: tuple[str, ...]
+    # The family detection names when no record of it is registered ("flux", "chroma", "sd3"): registering a
+    # record of a family hands its files from the one-line refusal to the records.
+    family: str = ""
     # Named extra blocks -> the main block each follows when not set itself.
     extra_blocks: Mapping[str, str] = field(default_factory=dict)
     # Other value-string orders this architecture takes (value count -> block for each value, None: dropped):
