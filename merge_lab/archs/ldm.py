@@ -15,10 +15,11 @@ leftovers* (EMA copies ``model_ema.*``, DDPM schedule buffers, a VAE's training 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from merge_lab.archs.layouts import UNET_PREFIX, VAE_PREFIX
+from merge_lab.archs.layouts import UNET_PREFIX, VAE_PREFIX, ModelLayout
+from merge_lab.archs.registry import ArchSpec
 
 NEVER_MERGED_SUFFIXES = ("position_ids", "logit_scale")
 # Markers and buffers hosts read, kept as they are (even with --prune): NoobAI-style v-prediction SDXL
@@ -36,9 +37,6 @@ FIRST_CONV = f"{UNET_PREFIX}input_blocks.0.0.weight"
 LABEL_EMB = f"{UNET_PREFIX}label_emb.0.0.weight"
 PROBE_KEYS = (FIRST_CONV,)
 
-# The never-merged rules every LDM record takes (ArchSpec fields).
-NEVER_MERGED = dict(never_merged_suffixes=NEVER_MERGED_SUFFIXES, kept_keys=KEPT_KEYS,
-                    leftover_prefixes=LEFTOVER_PREFIXES, leftover_keys=DDPM_BUFFERS)
 
 
 def main_blocks(n: int) -> tuple[str, ...]:
@@ -114,3 +112,31 @@ def variants(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[s
     if "v_pred" in tensors or prediction in ("v", "v-prediction", "v_prediction"):
         out.append("v-prediction")
     return tuple(out)
+
+
+def spec(*, name: str, title: str, short: str, modelspec: str, layout: Callable[..., ModelLayout], n_blocks: int,
+         label_emb: bool, conv_proj: bool | None = None, text_encoders: Mapping[str, tuple[str, str]],
+         **fields: Any) -> ArchSpec:
+    """An LDM-UNet record from what sets it apart: its n input / n output blocks, label embedding and
+    projection kind (its structural test), and its text encoders (key prefix -> (component, block)); the
+    block scheme, value order, presets, variants and never-merged keys are the family's. `fields` are
+    the record's other ArchSpec fields (string_orders, key_aliases, preview, …)."""
+    te_blocks = tuple(dict.fromkeys(block for _, block in text_encoders.values() if block != "BASE"))
+    return ArchSpec(
+        name=name, title=title, short=short, modelspec=modelspec,
+        probe_keys=PROBE_KEYS,
+        matches=matcher(n_blocks, label_emb=label_emb, conv_proj=conv_proj),
+        components=(("unet", UNET_PREFIX), ("vae", VAE_PREFIX),
+                    *((component, prefix) for prefix, (component, _) in text_encoders.items())),
+        layout=layout,
+        block_prefixes=block_prefixes(n_blocks, {p: b for p, (_, b) in text_encoders.items()}, label_emb=label_emb),
+        main_blocks=main_blocks(n_blocks),
+        extra_blocks=extra_blocks(n_blocks, te_blocks),
+        preset_table="presets.tsv",
+        slider_columns=slider_columns(n_blocks),
+        variants=variants,
+        describe_unmatched=describe_unmatched,
+        never_merged_suffixes=NEVER_MERGED_SUFFIXES, kept_keys=KEPT_KEYS,
+        leftover_prefixes=LEFTOVER_PREFIXES, leftover_keys=DDPM_BUFFERS,
+        **fields,
+    )

@@ -4,8 +4,8 @@ projections, OpenAI CLIP ViT-L/14 text encoder, the 26-value block order."""
 from __future__ import annotations
 
 from merge_lab.archs import ldm
-from merge_lab.archs.layouts import UNET_PREFIX, VAE_PREFIX, CLIPConfig, ModelLayout, UNetConfig, VAEConfig
-from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
+from merge_lab.archs.layouts import CLIPConfig, ModelLayout, UNetConfig, VAEConfig
+from merge_lab.archs.registry import PreviewSupport, PreviewVariant, register
 
 TE_PREFIX = "cond_stage_model.transformer."
 
@@ -29,28 +29,21 @@ def layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
     return ModelLayout("sd1", UNetConfig(num_heads=8), VAEConfig(), (CLIPConfig(TE_PREFIX, vocab=vocab),))
 
 
-SPEC = register(ArchSpec(
+SPEC = register(ldm.spec(
     name="sd1",
     title="Stable Diffusion 1.x",
     short="SD1.x",
     modelspec="stable-diffusion-v1",
-    probe_keys=ldm.PROBE_KEYS,
-    matches=ldm.matcher(12, label_emb=False, conv_proj=True),
-    components=(("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TE_PREFIX)),
     layout=layout,
-    block_prefixes=ldm.block_prefixes(12, {TE_PREFIX: "BASE"}),
-    main_blocks=ldm.main_blocks(12),
-    extra_blocks=ldm.extra_blocks(12),
-    preset_table="presets.tsv",
-    slider_columns=ldm.slider_columns(12),
+    n_blocks=12,
+    label_emb=False,
+    conv_proj=True,
+    text_encoders={TE_PREFIX: ("text_encoder", "BASE")},
     key_aliases=KEY_ALIASES,
-    variants=ldm.variants,
-    describe_unmatched=ldm.describe_unmatched,
     preview=PreviewSupport(
         pipeline="StableDiffusionPipeline",
         pipeline_options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
         variants=(PreviewVariant("sd15", "sd1", "Stable Diffusion 1.5", 512, "epsilon", "PNDMScheduler", 0.18215),),
         default_variant="sd15",
     ),
-    **ldm.NEVER_MERGED,
 ))

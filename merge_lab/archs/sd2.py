@@ -8,14 +8,12 @@ from collections.abc import Mapping
 
 from merge_lab.archs import ldm
 from merge_lab.archs.layouts import (
-    UNET_PREFIX,
-    VAE_PREFIX,
     ModelLayout,
     OpenCLIPConfig,
     UNetConfig,
     VAEConfig,
 )
-from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
+from merge_lab.archs.registry import PreviewSupport, PreviewVariant, register
 
 TE_PREFIX = "cond_stage_model.model."
 
@@ -49,22 +47,16 @@ def pick_variant(prediction: str, variants: tuple[str, ...], metadata: Mapping[s
     return "sd2-768-v", bool(stated)
 
 
-SPEC = register(ArchSpec(
+SPEC = register(ldm.spec(
     name="sd2",
     title="Stable Diffusion 2.x",
     short="SD2.x",
     modelspec="stable-diffusion-v2",
-    probe_keys=ldm.PROBE_KEYS,
-    matches=ldm.matcher(12, label_emb=False, conv_proj=False),
-    components=(("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TE_PREFIX)),
     layout=layout,
-    block_prefixes=ldm.block_prefixes(12, {TE_PREFIX: "BASE"}),
-    main_blocks=ldm.main_blocks(12),
-    extra_blocks=ldm.extra_blocks(12),
-    preset_table="presets.tsv",
-    slider_columns=ldm.slider_columns(12),
-    variants=ldm.variants,
-    describe_unmatched=ldm.describe_unmatched,
+    n_blocks=12,
+    label_emb=False,
+    conv_proj=False,
+    text_encoders={TE_PREFIX: ("text_encoder", "BASE")},
     preview=PreviewSupport(
         pipeline="StableDiffusionPipeline",
         pipeline_options={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
@@ -79,5 +71,4 @@ SPEC = register(ArchSpec(
         pick_variant=pick_variant,
         guess_by_test=("sd2-768-v", "sd2-base"),
     ),
-    **ldm.NEVER_MERGED,
 ))

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from merge_lab.archs import ldm
 from merge_lab.archs.layouts import (
-    UNET_PREFIX,
-    VAE_PREFIX,
     CLIPConfig,
     ModelLayout,
     OpenCLIPConfig,
     UNetConfig,
     VAEConfig,
 )
-from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
+from merge_lab.archs.registry import PreviewSupport, PreviewVariant, register
 
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -46,24 +44,16 @@ MAIN_BLOCKS = ldm.main_blocks(9)
 # The 26-value SD order on SDXL: BASE, IN00..IN08 kept, IN09-IN11 dropped, M00, OUT00..OUT08, OUT09-OUT11 dropped.
 SD_ORDER = (*MAIN_BLOCKS[:10], None, None, None, "M00", *MAIN_BLOCKS[11:], None, None, None)
 
-SPEC = register(ArchSpec(
+SPEC = register(ldm.spec(
     name="sdxl",
     title="Stable Diffusion XL",
     short="SDXL (Pony, Illustrious, NoobAI)",
     modelspec="stable-diffusion-xl-v1-base",
-    probe_keys=ldm.PROBE_KEYS,
-    matches=ldm.matcher(9, label_emb=True),
-    components=(("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TE1_PREFIX),
-                ("text_encoder_2", TE2_PREFIX)),
     layout=layout,
-    block_prefixes=ldm.block_prefixes(9, {TE1_PREFIX: "TE1", TE2_PREFIX: "TE2"}, label_emb=True),
-    main_blocks=MAIN_BLOCKS,
-    extra_blocks=ldm.extra_blocks(9, ("TE1", "TE2")),
+    n_blocks=9,
+    label_emb=True,
+    text_encoders={TE1_PREFIX: ("text_encoder", "TE1"), TE2_PREFIX: ("text_encoder_2", "TE2")},
     string_orders={26: SD_ORDER},
-    preset_table="presets.tsv",
-    slider_columns=ldm.slider_columns(9),
-    variants=ldm.variants,
-    describe_unmatched=ldm.describe_unmatched,
     preview=PreviewSupport(
         pipeline="StableDiffusionXLPipeline",
         pipeline_options={"force_zeros_for_empty_prompt": True, "add_watermarker": False},
@@ -72,5 +62,4 @@ SPEC = register(ArchSpec(
         default_variant="sdxl-base",
         text_encoder_projection=(False, True),
     ),
-    **ldm.NEVER_MERGED,
 ))

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from merge_lab.archs import ldm
 from merge_lab.archs.layouts import (
-    UNET_PREFIX,
-    VAE_PREFIX,
     ModelLayout,
     OpenCLIPConfig,
     UNetConfig,
     VAEConfig,
 )
-from merge_lab.archs.registry import ArchSpec, register
+from merge_lab.archs.registry import register
 
 # The refiner conditions on OpenCLIP-G alone, as its first (and only weighted) embedder.
 TE_PREFIX = "conditioner.embedders.0.model."
@@ -41,23 +39,15 @@ def layout(width: int | None = None, vocab: int = 49408) -> ModelLayout:
     )
 
 
-SPEC = register(ArchSpec(
+SPEC = register(ldm.spec(
     name="sdxl-refiner",
     title="Stable Diffusion XL refiner",
     short="SDXL refiner",
     modelspec="stable-diffusion-xl-v1-refiner",
-    probe_keys=ldm.PROBE_KEYS,
-    matches=ldm.matcher(12, label_emb=True),
-    components=(("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TE_PREFIX)),
     layout=layout,
-    block_prefixes=ldm.block_prefixes(12, {TE_PREFIX: "BASE"}, label_emb=True),
-    main_blocks=ldm.main_blocks(12),
-    extra_blocks=ldm.extra_blocks(12),
-    preset_table="presets.tsv",
-    slider_columns=ldm.slider_columns(12),
-    variants=ldm.variants,
-    describe_unmatched=ldm.describe_unmatched,
+    n_blocks=12,
+    label_emb=True,
+    text_encoders={TE_PREFIX: ("text_encoder", "BASE")},
     preview_refusal="SDXL refiner checkpoints cannot be previewed (a refiner only refines a base model's latents; "
                     "there is no text-to-image pipeline for it here)",
-    **ldm.NEVER_MERGED,
 ))
