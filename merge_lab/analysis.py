@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import merge_lab_methods as methods
-from merge_lab.archs.blocks import extra_blocks, main_blocks
+from merge_lab import archs
 from merge_lab.engine import MergePlan, Recipe, prepare
 from merge_lab.engine.block_stats import BlockGrams, block_grams
 from merge_lab.engine.chunking import ProgressFn
@@ -21,11 +21,8 @@ from merge_lab.errors import RecipeError
 
 
 def display_order(arch: str) -> list[str]:
-    """Blocks in the order of the model: text encoders, time embedding, IN.., M00, OUT.., final out, VAE."""
-    extras = extra_blocks(arch)
-    order = ["BASE", *(b for b in ("TE1", "TE2") if b in extras), "TIME"]
-    order += [b for b in main_blocks(arch) if b != "BASE"]
-    return [*order, "OUT", "VAE"]
+    """Every block once, in the model's order (the architecture record's analysis order)."""
+    return list(archs.get(arch).display_order())
 
 
 WHOLE_MODEL = "ALL"

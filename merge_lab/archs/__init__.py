@@ -4,7 +4,7 @@ header, key layouts, the block map and block-weight presets.
 Importing the package registers the built-in architectures, in the order detection messages list them.
 """
 
-from merge_lab.archs import sd1, sd2, sdxl, sdxl_refiner  # noqa: F401  (register the built-in architectures)
+from merge_lab.archs import sd1, sd2, sdxl, sdxl_refiner, flux, chroma, sd3  # noqa: F401, I001  (registered in this order)
 from merge_lab.archs.registry import (
     ArchSpec,
     PreviewSupport,

@@ -85,8 +85,8 @@ def detect(tensors, metadata: dict[str, str] | None = None, path: str | None = N
     candidates = [s for s in specs() if any(k in tensors for k in s.probe_keys)]
     found = [s for s in candidates if s.matches(tensors)]
     if len(found) > 1:
-        raise CheckpointError(f"matches several architectures ({', '.join(s.name for s in found)}); "
-                              "their records need a sharper test", path=path)
+        raise CheckpointError(f"holds the keys of several architectures ({', '.join(s.title for s in found)}): "
+                              "a mixed or damaged file", path=path)
     if not found:
         described = next((d for s in specs() if s.describe_unmatched
                           for d in [s.describe_unmatched(tensors)] if d), None)
@@ -95,11 +95,12 @@ def detect(tensors, metadata: dict[str, str] | None = None, path: str | None = N
     spec = found[0]
     all_te = {p for s in specs() for p in s.text_encoder_prefixes}
     present = {p for p in all_te if any(k.startswith(p) for k in keys)}
-    # Each architecture's text-encoder prefixes are distinct from the others' (SD1's CLIP prefix is a prefix
-    # of nothing else), so the set comparison is exact. A UNet-only file has none, and is accepted.
-    if present and present != set(spec.text_encoder_prefixes):
-        names = ", ".join(sorted(p + "*" for p in present))
-        raise CheckpointError(f"{spec.title} UNet with text encoder keys {names} that do not belong to it",
+    # Text-encoder prefixes that are not the architecture's are another model's: refused. Some of its own may
+    # be missing (a UNet-only file, SD3 "incl_clips" without T5): the merge's missing-key rule then applies.
+    foreign_te = present - set(spec.text_encoder_prefixes)
+    if foreign_te:
+        names = ", ".join(sorted(p + "*" for p in foreign_te))
+        raise CheckpointError(f"{spec.title} model with text encoder keys {names} that do not belong to it",
                               path=path)
     return Architecture(spec.name, tuple(spec.variants(tensors, metadata)))
 

@@ -91,8 +91,9 @@ def matcher(count: int, label_emb: bool, conv_proj: bool | None = None):
 
 def describe_unmatched(tensors: Mapping[str, Any]) -> str | None:
     """The UNet layout we found when no record took it ("12 input blocks, with label_emb")."""
-    if not any(k.startswith(UNET_PREFIX) for k in tensors):
-        return None
+    ldm_parts = tuple(UNET_PREFIX + part for part in ("input_blocks.", "middle_block.", "output_blocks."))
+    if not any(k.startswith(ldm_parts) for k in tensors):
+        return None  # not an LDM UNet (another family's record, if any, describes it)
     if FIRST_CONV not in tensors:
         return f"unknown UNet layout (no {FIRST_CONV})"
     n, label, _ = signature(tensors)
@@ -134,6 +135,8 @@ def spec(*, name: str, title: str, short: str, modelspec: str, layout: Callable[
         extra_blocks=extra_blocks(n_blocks, te_blocks),
         preset_table="presets.tsv",
         slider_columns=slider_columns(n_blocks),
+        # text encoders, time embedding, IN.., M00, OUT.., the final layers, VAE
+        analysis_order=("BASE", *te_blocks, "TIME", *main_blocks(n_blocks)[1:], "OUT", "VAE"),
         variants=variants,
         describe_unmatched=describe_unmatched,
         never_merged_suffixes=NEVER_MERGED_SUFFIXES, kept_keys=KEPT_KEYS,

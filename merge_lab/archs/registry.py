@@ -84,6 +84,8 @@ class ArchSpec:
     string_orders: Mapping[int, tuple[str | None, ...]] = field(default_factory=dict)
     # Preset table (a file in merge_lab/archs/), read in one of the orders above.
     preset_table: str | None = None
+    # The order the θ analysis lists blocks in (the model's own order); None: main blocks, then extra blocks.
+    analysis_order: tuple[str, ...] | None = None
     # The tab lays the sliders out in three columns.
     slider_columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
     # Old key prefix -> current, renamed on load (A1111's checkpoint_dict_replacements).
@@ -113,6 +115,11 @@ class ArchSpec:
         if self.slider_columns is not None:
             return self.slider_columns
         return (self.main_blocks[1:], self.main_blocks[:1], ())
+
+    def display_order(self) -> tuple[str, ...]:
+        """Every block once, in the analysis' order."""
+        order = self.analysis_order or (*self.main_blocks, *self.extra_blocks)
+        return tuple(dict.fromkeys([*order, *self.all_blocks]))
 
     def value_orders(self) -> dict[int, tuple[str | None, ...]]:
         """Every value-string order: its own (main blocks) and the others it takes."""

@@ -238,7 +238,7 @@ def check_block_spec(spec) -> None:
         for s in archs.specs():
             orders.setdefault(len(s.main_blocks), []).append(s.short)
         listed = " or ".join(f"{n}{' block ratios' if i == 0 else ''} ({'/'.join(who)})"
-                             for i, (n, who) in enumerate(sorted(orders.items(), reverse=True)))
+                             for i, (n, who) in enumerate(orders.items()))  # in the registry's order
         raise RecipeError(f"blocks takes {listed}, or one fewer without BASE; got {len(values)}")
     for i, v in enumerate(values):
         _check_ratio(f"block ratio #{i + 1}", v)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from merge_lab import archs
 from merge_lab.analysis import analyze
+from merge_lab.archs.blocks import block_of
 from merge_lab.cli.tables import format_report
 from merge_lab.demo.models import save_state_dict
 from merge_lab.plot.heatmap import colour, render_heatmap
@@ -185,3 +187,22 @@ def test_heatmap_of_many_models(sd1_family, tmp_path):
     bar_rows = _runs(coloured[:, bar_x])
     assert len(bar_rows) == 1 and bar_rows[0][0] >= rows[0][0] - 1 and bar_rows[0][1] <= rows[-1][1] + 1
     assert _fraction_of(rgb[bar_rows[0][0], bar_x]) > 0.98 and _fraction_of(rgb[bar_rows[0][1] - 1, bar_x]) < 0.02
+
+
+@pytest.mark.parametrize("arch", archs.names())
+def test_every_block_of_every_architecture_is_a_row_once(arch, tmp_path):
+    """θ per block for each registered architecture: a row per block that holds keys, none twice, none lost."""
+    shapes = archs.layout_for(arch, width=8, vocab=256).shapes()
+    paths = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        path = tmp_path / f"{seed}.safetensors"
+        save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, str(path))
+        paths.append(str(path))
+    report = analyze(paths)
+    rows = [b.block for b in report.blocks]
+    assert rows[-1] == "ALL" and len(rows) == len(set(rows))
+    holding = {block_of(k, arch) for k in shapes} - {None}
+    assert set(rows[:-1]) == holding
+    assert sum(b.keys for b in report.blocks[:-1]) == report.blocks[-1].keys == sum(
+        1 for k in shapes if block_of(k, arch) is not None)

@@ -15,14 +15,16 @@ import pytest
 from safetensors import safe_open
 
 import merge_lab_methods as methods
+from merge_lab import archs
 from merge_lab.archs.presets import preset_values
 from merge_lab.engine import Recipe, merge_to_state_dict
 from merge_lab_extension.backend import FolderBackend
 from merge_lab_extension.compat import is_update, update_value
-from merge_lab_extension.form import block_fields, default_alpha, form_from_record, slider_blocks
+from merge_lab_extension.form import block_field, default_alpha, form_from_record, slider_blocks
 from merge_lab_extension.ui import build_tab
 from tests.extension.test_gradio_versions import VENVS as GRADIO_VENVS
 
+SD1_FIELDS = [block_field(b) for b in archs.get("sd1").main_blocks]  # SD1's 26 sliders, in order
 
 @pytest.fixture
 def models_dir(tmp_path, sd1_family, sdxl_family):
@@ -68,7 +70,9 @@ def test_builds_a_blocks_with_the_folder_models(tab):
                           "xl/sdxl-ft1.safetensors"]])  # gradio 4+ stores (label, value) pairs
     for name in ("merge", "cancel", "analyze", "preview", "load_recipe", "refresh"):
         assert name in tab.events
-    assert len([f for f in tab.components if f.startswith("block_")]) == 26
+    # a slider per main block of every registered architecture; before any model is chosen, SD1's 26 show
+    sliders = [f for f in tab.components if f.startswith("block_")]
+    assert sorted(sliders) == sorted(block_field(b) for b in slider_blocks()) and set(SD1_FIELDS) <= set(sliders)
 
 
 def test_merge_through_the_event_handler(tab, models_dir):
@@ -98,15 +102,15 @@ def test_block_ratios_presets_text_and_sliders_stay_in_sync(tab, models_dir):
 
     out = tab.run("preset", form(tab, preset="GRAD_V", arch="sd1"))
     grad_v = preset_values("GRAD_V", "sd1")
-    assert [update_value(out[f]) for f in block_fields()] == pytest.approx(grad_v)
+    assert [update_value(out[f]) for f in SD1_FIELDS] == pytest.approx(grad_v)
     assert update_value(out["use_blocks"]) is True
     assert out["mbw_text"].split(",")[:3] == ["0", "1", "0.9166666667"]
 
     text = ",".join(["0.25"] * 26)
     out = tab.run("mbw_text_submit", form(tab, mbw_text=text, arch="sd1", alpha=0.5))
-    assert [update_value(out[f]) for f in block_fields()] == [0.25] * 26
+    assert [update_value(out[f]) for f in SD1_FIELDS] == [0.25] * 26
 
-    sliders = {f: 0.5 for f in block_fields()}
+    sliders = {f: 0.5 for f in SD1_FIELDS}
     sliders["block_IN04"] = 1.0
     out = tab.run("slider_IN04", form(tab, arch="sd1", **sliders))
     assert out["mbw_text"].split(",")[5] == "1"
@@ -249,13 +253,13 @@ def test_loaded_recipe_keeps_its_alpha_and_one_without_gets_the_methods_default(
 def test_load_recipe_from_a_merged_files_metadata(tab, models_dir):
     values = form(tab, models=["sd1-ft2.safetensors", "sd1-ft1.safetensors"], alpha=0.7, use_blocks=True,
                   arch="sd1", extra_blocks="VAE=0", out_name="with-recipe",
-                  **dict(zip(block_fields(), preset_values("GRAD_A", "sd1"))))
+                  **dict(zip(SD1_FIELDS, preset_values("GRAD_A", "sd1"))))
     assert tab.run("merge", values)["status"].startswith("saved")
     out = tab.run("load_recipe", form(tab, recipe_source="with-recipe.safetensors"))
     assert out["status"] == "recipe loaded from with-recipe.safetensors"
     assert out["models"] == ["sd1-ft2.safetensors", "sd1-ft1.safetensors"]
     assert out["alpha"] == 0.7 and out["use_blocks"] is True and out["extra_blocks"] == "VAE=0"
-    assert [update_value(out[f]) for f in block_fields()] == pytest.approx(preset_values("GRAD_A", "sd1"))
+    assert [update_value(out[f]) for f in SD1_FIELDS] == pytest.approx(preset_values("GRAD_A", "sd1"))
 
     plain = tab.run("load_recipe", form(tab, recipe_source="sd1-ft1.safetensors"))
     assert "no sd_merge_recipe" in plain["status"]

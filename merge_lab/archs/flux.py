@@ -1,0 +1,332 @@
+"""Flux.1 dev and schnell (Black Forest Labs): a 19 double-stream + 38 single-stream block transformer (hidden
+3072, 24 heads of 128, MLP ratio 4), CLIP-L and T5-XXL text encoders and a 16-channel VAE. One record per
+release, because each writes its own modelspec id ("flux-1-dev", "flux-1-schnell", kohya-ss sd-scripts'
+library/sai_model_spec.py); dev has a guidance embedding (``guidance_in.*``), schnell does not.
+
+Key names are BFL's original ones (black-forest-labs/flux src/flux/model.py, ComfyUI comfy/ldm/flux/): the
+transformer under ``model.diffusion_model.`` (ComfyUI / Forge checkpoints), or bare (BFL's
+flux1-dev.safetensors). All-in-one files (ComfyUI's "save checkpoint") add ``text_encoders.clip_l.transformer.``
+(CLIP-L text model, HF names), ``text_encoders.t5xxl.transformer.`` (T5-XXL encoder, HF names) and ``vae.``
+(the LDM-named autoencoder, without quant_conv / post_quant_conv).
+
+Bare transformer names are renamed to the ``model.diffusion_model.`` form on load (``key_aliases``, one per
+top-level module), so one record takes both forms and a merge of a bare file with a prefixed one lines up
+key by key; merged files are written in the prefixed form, which ComfyUI, Forge and diffusers'
+``from_single_file`` all read.
+
+Blocks: SuperMerger's 61-value Flux order (scripts/mergers, BLOCKIDFLUX): ``CLIP, T5, IN, D00..D18,
+S00..S37, OUT`` where IN is img_in / txt_in / time_in / vector_in / guidance_in and OUT is final_layer. The
+named extra block ``VAE`` follows ``CLIP``, the first value of the string: SuperMerger merges a Flux VAE at
+the base alpha (its key maps to no value of the string), and in our value strings the first value is the one
+a string one shorter leaves at alpha (the role BASE plays on SD, where the VAE follows BASE too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from merge_lab.archs.layouts import UNET_PREFIX, CLIPConfig, Shape, VAEConfig, clip_shapes, vae_shapes
+from merge_lab.archs.registry import ArchSpec, register
+
+PREFIX = UNET_PREFIX  # the transformer, as ComfyUI / Forge save it
+CLIP_PREFIX = "text_encoders.clip_l.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+VAE_PREFIX = "vae."
+
+# The transformer's top-level modules (bare names, before the prefix).
+FLUX_MODULES = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "double_blocks.",
+                "single_blocks.", "final_layer.")
+IN_MODULES = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
+
+N_DOUBLE = 19
+N_SINGLE = 38
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """The transformer (BFL's FluxParams; ComfyUI's model_detection reads the same from a file)."""
+
+    hidden: int = 3072
+    heads: int = 24
+    depth: int = N_DOUBLE
+    depth_single: int = N_SINGLE
+    mlp_ratio: int = 4
+    in_channels: int = 64  # img_in's input: 16 latent channels × a 2×2 patch
+    context_dim: int = 4096  # txt_in's input: T5-XXL's width
+    vec_dim: int | None = 768  # vector_in's input: CLIP-L's pooled output (None: no vector_in, Chroma)
+    guidance: bool = True  # guidance_in (dev; schnell has none)
+    time_dim: int = 256  # the sinusoidal embedding time_in / guidance_in take
+    modulation: bool = True  # per-block modulation layers (Chroma has none: its approximator makes them)
+    final_modulation: bool = True  # final_layer.adaLN_modulation (Chroma has none)
+    # Chroma's distilled_guidance_layer (in_dim, hidden_dim, n_layers), or None.
+    approximator: tuple[int, int, int] | None = None
+    qkv_bias: bool = True
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """HF T5EncoderModel (T5 v1.1: gated-GELU feed-forward, no biases, relative attention bias in block 0)."""
+
+    prefix: str
+    d_model: int = 4096
+    d_kv: int = 64
+    heads: int = 64
+    d_ff: int = 10240
+    layers: int = 24
+    vocab: int = 32128
+    buckets: int = 32
+
+
+def _linear(out, name, cin, cout, bias=True):
+    out[f"{name}.weight"] = (cout, cin)
+    if bias:
+        out[f"{name}.bias"] = (cout,)
+
+
+def _mlp_embedder(out, name, cin, hidden):
+    _linear(out, f"{name}.in_layer", cin, hidden)
+    _linear(out, f"{name}.out_layer", hidden, hidden)
+
+
+def _attention(out, name, dim, head_dim, qkv_bias):
+    _linear(out, f"{name}.qkv", dim, 3 * dim, bias=qkv_bias)
+    out[f"{name}.norm.query_norm.scale"] = (head_dim,)
+    out[f"{name}.norm.key_norm.scale"] = (head_dim,)
+    _linear(out, f"{name}.proj", dim, dim)
+
+
+def transformer_shapes(cfg: FluxConfig, prefix: str = PREFIX) -> dict[str, Shape]:
+    """Every key of a Flux / Chroma transformer (ComfyUI comfy/ldm/flux/layers.py, comfy/ldm/chroma/)."""
+    out: dict[str, Shape] = {}
+    h = cfg.hidden
+    head_dim = h // cfg.heads
+    mlp = h * cfg.mlp_ratio
+    p = prefix
+    _linear(out, f"{p}img_in", cfg.in_channels, h)
+    if cfg.approximator is None:
+        _mlp_embedder(out, f"{p}time_in", cfg.time_dim, h)
+    if cfg.vec_dim is not None:
+        _mlp_embedder(out, f"{p}vector_in", cfg.vec_dim, h)
+    if cfg.guidance:
+        _mlp_embedder(out, f"{p}guidance_in", cfg.time_dim, h)
+    _linear(out, f"{p}txt_in", cfg.context_dim, h)
+    if cfg.approximator is not None:
+        in_dim, hidden, layers = cfg.approximator
+        a = f"{p}distilled_guidance_layer"
+        _linear(out, f"{a}.in_proj", in_dim, hidden)
+        for i in range(layers):
+            _mlp_embedder(out, f"{a}.layers.{i}", hidden, hidden)
+        for i in range(layers):
+            out[f"{a}.norms.{i}.scale"] = (hidden,)
+        _linear(out, f"{a}.out_proj", hidden, h)
+    for i in range(cfg.depth):
+        blk = f"{p}double_blocks.{i}"
+        for side in ("img", "txt"):
+            if cfg.modulation:
+                _linear(out, f"{blk}.{side}_mod.lin", h, 6 * h)
+            _attention(out, f"{blk}.{side}_attn", h, head_dim, cfg.qkv_bias)
+            _linear(out, f"{blk}.{side}_mlp.0", h, mlp)
+            _linear(out, f"{blk}.{side}_mlp.2", mlp, h)
+    for i in range(cfg.depth_single):
+        blk = f"{p}single_blocks.{i}"
+        _linear(out, f"{blk}.linear1", h, 3 * h + mlp)
+        _linear(out, f"{blk}.linear2", h + mlp, h)
+        out[f"{blk}.norm.query_norm.scale"] = (head_dim,)
+        out[f"{blk}.norm.key_norm.scale"] = (head_dim,)
+        if cfg.modulation:
+            _linear(out, f"{blk}.modulation.lin", h, 3 * h)
+    _linear(out, f"{p}final_layer.linear", h, cfg.in_channels)  # patch 1 × 1 over the packed 2×2 patches
+    if cfg.final_modulation:
+        _linear(out, f"{p}final_layer.adaLN_modulation.1", h, 2 * h)
+    return out
+
+
+def t5_shapes(cfg: T5Config) -> dict[str, Shape]:
+    out: dict[str, Shape] = {}
+    p = cfg.prefix
+    inner = cfg.heads * cfg.d_kv
+    out[f"{p}shared.weight"] = (cfg.vocab, cfg.d_model)
+    for i in range(cfg.layers):
+        blk = f"{p}encoder.block.{i}.layer"
+        for proj in ("q", "k", "v"):
+            out[f"{blk}.0.SelfAttention.{proj}.weight"] = (inner, cfg.d_model)
+        out[f"{blk}.0.SelfAttention.o.weight"] = (cfg.d_model, inner)
+        if i == 0:
+            out[f"{blk}.0.SelfAttention.relative_attention_bias.weight"] = (cfg.buckets, cfg.heads)
+        out[f"{blk}.0.layer_norm.weight"] = (cfg.d_model,)
+        out[f"{blk}.1.DenseReluDense.wi_0.weight"] = (cfg.d_ff, cfg.d_model)
+        out[f"{blk}.1.DenseReluDense.wi_1.weight"] = (cfg.d_ff, cfg.d_model)
+        out[f"{blk}.1.DenseReluDense.wo.weight"] = (cfg.d_model, cfg.d_ff)
+        out[f"{blk}.1.layer_norm.weight"] = (cfg.d_model,)
+    out[f"{p}encoder.final_layer_norm.weight"] = (cfg.d_model,)
+    return out
+
+
+def flux_vae_shapes(cfg: VAEConfig, prefix: str = VAE_PREFIX) -> dict[str, Shape]:
+    """Flux's autoencoder: the LDM one with 16 latent channels and no quant_conv / post_quant_conv."""
+    return {k: s for k, s in vae_shapes(cfg, prefix).items() if not k.startswith(
+        (f"{prefix}quant_conv.", f"{prefix}post_quant_conv."))}
+
+
+@dataclass(frozen=True)
+class FluxLayout:
+    """An all-in-one Flux-family checkpoint: transformer, text encoders (CLIP-L, T5-XXL: either may be None)
+    and VAE (None: transformer only)."""
+
+    arch: str
+    transformer: FluxConfig
+    vae: VAEConfig | None
+    clip: CLIPConfig | None
+    t5: T5Config | None
+
+    @property
+    def text_encoders(self) -> tuple:
+        return tuple(te for te in (self.clip, self.t5) if te is not None)
+
+    def transformer_shapes(self) -> dict[str, Shape]:
+        return transformer_shapes(self.transformer)
+
+    def shapes(self) -> dict[str, Shape]:
+        out = self.transformer_shapes()
+        if self.clip is not None:
+            out.update(clip_shapes(self.clip))
+            out[f"{self.clip.prefix}text_projection.weight"] = (self.clip.hidden, self.clip.hidden)
+        if self.t5 is not None:
+            out.update(t5_shapes(self.t5))
+        if self.vae is not None:
+            out.update(flux_vae_shapes(self.vae))
+        return out
+
+
+def tiny_parts(width: int, vocab: int) -> tuple[int, CLIPConfig, T5Config, VAEConfig]:
+    """(hidden, CLIP-L, T5, VAE) of a tiny Flux-family file: widths shrink, every count stays."""
+    clip = CLIPConfig(CLIP_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4, position_ids=False)
+    t5 = T5Config(T5_PREFIX, d_model=2 * width, d_kv=width // 2, heads=4, d_ff=4 * width, vocab=min(vocab, 256))
+    return 2 * width, clip, t5, VAEConfig(ch=width, z_channels=16)
+
+
+REAL_CLIP = CLIPConfig(CLIP_PREFIX, position_ids=False)
+REAL_T5 = T5Config(T5_PREFIX)
+REAL_VAE = VAEConfig(z_channels=16)
+
+
+def flux_layout(arch: str, guidance: bool):
+    def layout(width: int | None = None, vocab: int = 49408) -> FluxLayout:
+        if width:
+            hidden, clip, t5, vae = tiny_parts(width, vocab)
+            cfg = FluxConfig(hidden=hidden, heads=2, in_channels=16, context_dim=t5.d_model, vec_dim=clip.hidden,
+                             guidance=guidance, time_dim=16)
+            return FluxLayout(arch, cfg, vae, clip, t5)
+        clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False)
+        return FluxLayout(arch, FluxConfig(guidance=guidance), REAL_VAE, clip, REAL_T5)
+
+    return layout
+
+
+# ---- detection -------------------------------------------------------------------------------------------
+
+PROBE_KEYS = (f"{PREFIX}double_blocks.0.img_attn.norm.key_norm.scale",)  # ComfyUI's Flux / Chroma probe
+GUIDANCE_KEY = f"{PREFIX}guidance_in.in_layer.weight"
+VECTOR_KEY = f"{PREFIX}vector_in.in_layer.weight"
+IMG_IN_KEY = f"{PREFIX}img_in.weight"
+APPROXIMATOR_KEY = f"{PREFIX}distilled_guidance_layer.norms.0.scale"
+LDM_KEY = f"{PREFIX}input_blocks.0.0.weight"
+
+
+def count_blocks(tensors: Mapping[str, Any], name: str) -> int:
+    start = len(PREFIX) + len(name) + 1
+    found = {k[start:].split(".", 1)[0] for k in tensors if k.startswith(f"{PREFIX}{name}.")}
+    numbers = {int(n) for n in found if n.isdigit()}
+    return max(numbers) + 1 if numbers else 0
+
+
+def signature(tensors: Mapping[str, Any]) -> tuple[int, int]:
+    return count_blocks(tensors, "double_blocks"), count_blocks(tensors, "single_blocks")
+
+
+def flux_matcher(guidance: bool):
+    """Flux.1: img_in and vector_in, 19 + 38 blocks, no Chroma approximator, no LDM UNet keys; dev has
+    guidance_in, schnell has not."""
+
+    def matches(tensors: Mapping[str, Any]) -> bool:
+        return (IMG_IN_KEY in tensors and VECTOR_KEY in tensors and APPROXIMATOR_KEY not in tensors
+                and LDM_KEY not in tensors and signature(tensors) == (N_DOUBLE, N_SINGLE)
+                and (GUIDANCE_KEY in tensors) == guidance)
+
+    return matches
+
+
+def variants(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """Flux.1 Fill (img_in takes 384 channels: latents, masked latents, mask) and Depth / Canny (128), as
+    diffusers' infer_diffusers_model_type tells them apart."""
+    img_in = tensors.get(IMG_IN_KEY)
+    channels = img_in.shape[1] if img_in is not None and len(img_in.shape) == 2 else None
+    return {384: ("fill",), 128: ("depth-or-canny",)}.get(channels, ())
+
+
+def describe_unmatched(tensors: Mapping[str, Any]) -> str | None:
+    """The Flux-family layout found when no record took it ("unknown Flux layout (2 double, 1 single blocks)")."""
+    if not any(k.startswith((f"{PREFIX}double_blocks.", f"{PREFIX}single_blocks.")) for k in tensors):
+        return None
+    double, single = signature(tensors)
+    return (f"unknown Flux-family transformer layout ({double} double and {single} single blocks; Flux.1 and "
+            f"Chroma have {N_DOUBLE} and {N_SINGLE})")
+
+
+# ---- blocks ----------------------------------------------------------------------------------------------
+
+MAIN_BLOCKS = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(N_DOUBLE)), *(f"S{i:02d}" for i in range(N_SINGLE)),
+               "OUT")
+
+
+def transformer_block_prefixes(in_modules: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = [(f"{PREFIX}{m}", "IN") for m in in_modules]
+    out += [(f"{PREFIX}double_blocks.{i}.", f"D{i:02d}") for i in range(N_DOUBLE)]
+    out += [(f"{PREFIX}single_blocks.{i}.", f"S{i:02d}") for i in range(N_SINGLE)]
+    out.append((f"{PREFIX}final_layer.", "OUT"))
+    return out
+
+
+BLOCK_PREFIXES = (*transformer_block_prefixes(IN_MODULES), ("text_encoders.clip_l.", "CLIP"),
+                  ("text_encoders.t5xxl.", "T5"), (VAE_PREFIX, "VAE"))
+
+KEY_ALIASES = {m: PREFIX + m for m in FLUX_MODULES}
+
+# Kept as they are, never merged: CLIP's position ids, a text encoder's logit scale (ComfyUI's text-encoder
+# wrappers carry one), wherever a file has them.
+NEVER_MERGED = dict(never_merged_suffixes=("position_ids", "logit_scale"),
+                    kept_keys=("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale"))
+
+PREVIEW_REFUSAL = ("Flux.1 checkpoints cannot be previewed yet (previews of Flux-family models come later); "
+                   "they can be merged")
+
+
+def flux_spec(name: str, release: str, guidance: bool) -> ArchSpec:
+    return ArchSpec(
+        name=name,
+        title=f"Flux.1 {release}",
+        short=f"Flux.1 {release}",
+        modelspec=f"flux-1-{release}",
+        probe_keys=PROBE_KEYS,
+        matches=flux_matcher(guidance),
+        components=(("transformer", PREFIX), ("vae", VAE_PREFIX), ("text_encoder", CLIP_PREFIX),
+                    ("text_encoder_2", T5_PREFIX)),
+        layout=flux_layout(name, guidance),
+        block_prefixes=BLOCK_PREFIXES,
+        main_blocks=MAIN_BLOCKS,
+        family="flux",
+        extra_blocks={"VAE": "CLIP"},
+        slider_columns=(MAIN_BLOCKS[3:3 + N_DOUBLE], ("CLIP", "T5", "IN", "OUT"), MAIN_BLOCKS[3 + N_DOUBLE:-1]),
+        key_aliases=KEY_ALIASES,
+        variants=variants,
+        describe_unmatched=describe_unmatched,
+        preview=None,
+        preview_refusal=PREVIEW_REFUSAL,
+        **NEVER_MERGED,
+    )
+
+
+DEV = register(flux_spec("flux-dev", "dev", guidance=True))
+SCHNELL = register(flux_spec("flux-schnell", "schnell", guidance=False))
