@@ -175,8 +175,8 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                     for b in middle:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
                     add("extra_blocks", component(
-                        gr.Textbox, value="", label="Other blocks (NAME=ratio; they follow IN00 / the last OUT / "
-                        "BASE when not set)", placeholder="TIME=0.5, OUT=1, VAE=0, TE1=0, TE2=0",
+                        gr.Textbox, value="", label="Other blocks (NAME=ratio; each follows its main block when "
+                        "not set, e.g. VAE follows BASE)", placeholder=_extra_blocks_example(),
                         elem_id=ELEM_PREFIX + "extra_blocks"))
                 with gr.Column():
                     for b in right:
@@ -282,6 +282,12 @@ def _value_counts() -> str:
     for spec in archs.specs():
         counts.setdefault(len(spec.main_blocks), []).append(spec.short)
     return ", ".join(f"{n} values for {'/'.join(who)}" for n, who in sorted(counts.items(), reverse=True))
+
+
+def _extra_blocks_example() -> str:
+    """"TIME=0, OUT=0, VAE=0, TE1=0, …": the named extra blocks of the registered architectures."""
+    names = list(dict.fromkeys(b for spec in archs.specs() for b in spec.extra_blocks))
+    return ", ".join(f"{b}=0" for b in names[:6]) + (", …" if len(names) > 6 else "")
 
 
 def _param_widget(w, default_method: str):
