@@ -27,7 +27,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from merge_lab.archs.layouts import UNET_PREFIX, CLIPConfig, Shape, VAEConfig, clip_shapes, vae_shapes
+from merge_lab.archs.layouts import (
+    UNET_PREFIX,
+    CLIPConfig,
+    Shape,
+    T5Config,
+    VAEConfig,
+    _linear,
+    clip_shapes,
+    t5_shapes,
+    vae_shapes,
+)
 from merge_lab.archs.registry import ArchSpec, register
 
 PREFIX = UNET_PREFIX  # the transformer, as ComfyUI / Forge save it
@@ -63,26 +73,6 @@ class FluxConfig:
     # Chroma's distilled_guidance_layer (in_dim, hidden_dim, n_layers), or None.
     approximator: tuple[int, int, int] | None = None
     qkv_bias: bool = True
-
-
-@dataclass(frozen=True)
-class T5Config:
-    """HF T5EncoderModel (T5 v1.1: gated-GELU feed-forward, no biases, relative attention bias in block 0)."""
-
-    prefix: str
-    d_model: int = 4096
-    d_kv: int = 64
-    heads: int = 64
-    d_ff: int = 10240
-    layers: int = 24
-    vocab: int = 32128
-    buckets: int = 32
-
-
-def _linear(out, name, cin, cout, bias=True):
-    out[f"{name}.weight"] = (cout, cin)
-    if bias:
-        out[f"{name}.bias"] = (cout,)
 
 
 def _mlp_embedder(out, name, cin, hidden):
@@ -143,33 +133,6 @@ def transformer_shapes(cfg: FluxConfig, prefix: str = PREFIX) -> dict[str, Shape
     return out
 
 
-def t5_shapes(cfg: T5Config) -> dict[str, Shape]:
-    out: dict[str, Shape] = {}
-    p = cfg.prefix
-    inner = cfg.heads * cfg.d_kv
-    out[f"{p}shared.weight"] = (cfg.vocab, cfg.d_model)
-    for i in range(cfg.layers):
-        blk = f"{p}encoder.block.{i}.layer"
-        for proj in ("q", "k", "v"):
-            out[f"{blk}.0.SelfAttention.{proj}.weight"] = (inner, cfg.d_model)
-        out[f"{blk}.0.SelfAttention.o.weight"] = (cfg.d_model, inner)
-        if i == 0:
-            out[f"{blk}.0.SelfAttention.relative_attention_bias.weight"] = (cfg.buckets, cfg.heads)
-        out[f"{blk}.0.layer_norm.weight"] = (cfg.d_model,)
-        out[f"{blk}.1.DenseReluDense.wi_0.weight"] = (cfg.d_ff, cfg.d_model)
-        out[f"{blk}.1.DenseReluDense.wi_1.weight"] = (cfg.d_ff, cfg.d_model)
-        out[f"{blk}.1.DenseReluDense.wo.weight"] = (cfg.d_model, cfg.d_ff)
-        out[f"{blk}.1.layer_norm.weight"] = (cfg.d_model,)
-    out[f"{p}encoder.final_layer_norm.weight"] = (cfg.d_model,)
-    return out
-
-
-def flux_vae_shapes(cfg: VAEConfig, prefix: str = VAE_PREFIX) -> dict[str, Shape]:
-    """Flux's autoencoder: the LDM one with 16 latent channels and no quant_conv / post_quant_conv."""
-    return {k: s for k, s in vae_shapes(cfg, prefix).items() if not k.startswith(
-        (f"{prefix}quant_conv.", f"{prefix}post_quant_conv."))}
-
-
 @dataclass(frozen=True)
 class FluxLayout:
     """An all-in-one Flux-family checkpoint: transformer, text encoders (CLIP-L, T5-XXL: either may be None)
@@ -192,24 +155,24 @@ class FluxLayout:
         out = self.transformer_shapes()
         if self.clip is not None:
             out.update(clip_shapes(self.clip))
-            out[f"{self.clip.prefix}text_projection.weight"] = (self.clip.hidden, self.clip.hidden)
         if self.t5 is not None:
             out.update(t5_shapes(self.t5))
         if self.vae is not None:
-            out.update(flux_vae_shapes(self.vae))
+            out.update(vae_shapes(self.vae, VAE_PREFIX))
         return out
 
 
 def tiny_parts(width: int, vocab: int) -> tuple[int, CLIPConfig, T5Config, VAEConfig]:
     """(hidden, CLIP-L, T5, VAE) of a tiny Flux-family file: widths shrink, every count stays."""
-    clip = CLIPConfig(CLIP_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4, position_ids=False)
+    clip = CLIPConfig(CLIP_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4, position_ids=False,
+                      text_projection=True)
     t5 = T5Config(T5_PREFIX, d_model=2 * width, d_kv=width // 2, heads=4, d_ff=4 * width, vocab=min(vocab, 256))
-    return 2 * width, clip, t5, VAEConfig(ch=width, z_channels=16)
+    return 2 * width, clip, t5, VAEConfig(ch=width, z_channels=16, quant_conv=False)
 
 
-REAL_CLIP = CLIPConfig(CLIP_PREFIX, position_ids=False)
+REAL_CLIP = CLIPConfig(CLIP_PREFIX, position_ids=False, text_projection=True)
 REAL_T5 = T5Config(T5_PREFIX)
-REAL_VAE = VAEConfig(z_channels=16)
+REAL_VAE = VAEConfig(z_channels=16, quant_conv=False)  # no quant convs
 
 
 def flux_layout(arch: str, guidance: bool):
@@ -219,7 +182,7 @@ def flux_layout(arch: str, guidance: bool):
             cfg = FluxConfig(hidden=hidden, heads=2, in_channels=16, context_dim=t5.d_model, vec_dim=clip.hidden,
                              guidance=guidance, time_dim=16)
             return FluxLayout(arch, cfg, vae, clip, t5)
-        clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False)
+        clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False, text_projection=True)
         return FluxLayout(arch, FluxConfig(guidance=guidance), REAL_VAE, clip, REAL_T5)
 
     return layout

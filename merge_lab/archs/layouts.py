@@ -42,6 +42,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     in_channels: int = 3
+    quant_conv: bool = True  # quant_conv / post_quant_conv (the 16-channel Flux and SD3 VAEs have none)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CLIPConfig:
     positions: int = 77
     heads: int = 12
     position_ids: bool = True
+    text_projection: bool = False  # ComfyUI's CLIP-L / CLIP-G in Flux and SD3 files keep their projection
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,22 @@ class OpenCLIPConfig:
     positions: int = 77
     heads: int = 16
     projection_dim: int = 1024
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """HF T5EncoderModel (T5 v1.1: gated-GELU feed-forward, no biases, relative attention bias in block 0), as
+    Flux and SD3 files carry it (``shared`` + ``encoder``)."""
+
+    prefix: str
+    d_model: int = 4096
+    d_kv: int = 64
+    heads: int = 64
+    d_ff: int = 10240
+    layers: int = 24
+    vocab: int = 32128
+    buckets: int = 32
+    embed_tokens: bool = False  # encoder.embed_tokens beside shared (tied; transformers saves both)
 
 
 @dataclass(frozen=True)
@@ -238,8 +256,9 @@ def vae_shapes(cfg: VAEConfig, prefix: str = VAE_PREFIX) -> dict[str, Shape]:
     _norm(out, f"{d}.norm_out", ch)
     _conv(out, f"{d}.conv_out", ch, cfg.in_channels)
 
-    _conv(out, f"{prefix}quant_conv", 2 * cfg.z_channels, 2 * cfg.z_channels, k=1)
-    _conv(out, f"{prefix}post_quant_conv", cfg.z_channels, cfg.z_channels, k=1)
+    if cfg.quant_conv:
+        _conv(out, f"{prefix}quant_conv", 2 * cfg.z_channels, 2 * cfg.z_channels, k=1)
+        _conv(out, f"{prefix}post_quant_conv", cfg.z_channels, cfg.z_channels, k=1)
     return out
 
 
@@ -260,6 +279,8 @@ def clip_shapes(cfg: CLIPConfig) -> dict[str, Shape]:
         _linear(out, f"{layer}.mlp.fc2", cfg.intermediate, h)
         _norm(out, f"{layer}.layer_norm2", h)
     _norm(out, f"{p}final_layer_norm", h)
+    if cfg.text_projection:
+        out[f"{cfg.prefix}text_projection.weight"] = (h, h)
     return out
 
 
@@ -286,3 +307,25 @@ def open_clip_shapes(cfg: OpenCLIPConfig) -> dict[str, Shape]:
 
 # Width of the demo / test models: 32 keeps GroupNorm(32) valid so they can be rendered.
 TINY_WIDTH = 32
+
+
+def t5_shapes(cfg: T5Config) -> dict[str, Shape]:
+    out: dict[str, Shape] = {}
+    p, d, inner = cfg.prefix, cfg.d_model, cfg.heads * cfg.d_kv
+    out[f"{p}shared.weight"] = (cfg.vocab, d)
+    if cfg.embed_tokens:
+        out[f"{p}encoder.embed_tokens.weight"] = (cfg.vocab, d)
+    for i in range(cfg.layers):
+        blk = f"{p}encoder.block.{i}.layer"
+        for proj in ("q", "k", "v"):
+            out[f"{blk}.0.SelfAttention.{proj}.weight"] = (inner, d)
+        out[f"{blk}.0.SelfAttention.o.weight"] = (d, inner)
+        if i == 0:
+            out[f"{blk}.0.SelfAttention.relative_attention_bias.weight"] = (cfg.buckets, cfg.heads)
+        out[f"{blk}.0.layer_norm.weight"] = (d,)
+        out[f"{blk}.1.DenseReluDense.wi_0.weight"] = (cfg.d_ff, d)
+        out[f"{blk}.1.DenseReluDense.wi_1.weight"] = (cfg.d_ff, d)
+        out[f"{blk}.1.DenseReluDense.wo.weight"] = (d, cfg.d_ff)
+        out[f"{blk}.1.layer_norm.weight"] = (d,)
+    out[f"{p}encoder.final_layer_norm.weight"] = (d,)
+    return out

@@ -47,8 +47,11 @@ from merge_lab.archs.layouts import (
     VAE_PREFIX,
     CLIPConfig,
     Shape,
+    T5Config,
     VAEConfig,
+    _linear,
     clip_shapes,
+    t5_shapes,
     vae_shapes,
 )
 from merge_lab.archs.registry import ArchSpec, register
@@ -92,20 +95,6 @@ class MMDiTConfig:
 
 
 @dataclass(frozen=True)
-class T5Config:
-    """The T5 v1.1 XXL encoder as ComfyUI saves it (``shared`` + ``encoder``)."""
-
-    prefix: str
-    d_model: int = 4096
-    layers: int = 24
-    heads: int = 64
-    d_kv: int = 64
-    d_ff: int = 10240
-    vocab: int = 32128
-    buckets: int = 32
-
-
-@dataclass(frozen=True)
 class SD3Layout:
     arch: str
     mmdit: MMDiTConfig
@@ -115,19 +104,10 @@ class SD3Layout:
     def shapes(self) -> dict[str, Shape]:
         out = mmdit_shapes(self.mmdit)
         for te in self.text_encoders:
-            out.update(t5_shapes(te) if isinstance(te, T5Config) else _clip_with_projection(te))
+            out.update(t5_shapes(te) if isinstance(te, T5Config) else clip_shapes(te))
         if self.vae is not None:
-            vae = vae_shapes(self.vae)
-            for k in [k for k in vae if k.startswith((f"{VAE_PREFIX}quant_conv.", f"{VAE_PREFIX}post_quant_conv."))]:
-                del vae[k]  # SD3's VAE has no quant convs (diffusers: use_quant_conv false)
-            out.update(vae)
+            out.update(vae_shapes(self.vae))
         return out
-
-
-def _linear(out, name, cin, cout, bias=True):
-    out[f"{name}.weight"] = (cout, cin)
-    if bias:
-        out[f"{name}.bias"] = (cout,)
 
 
 def _attention(out, name, h, head_dim, qk_norm, pre_only=False):
@@ -167,33 +147,6 @@ def mmdit_shapes(cfg: MMDiTConfig, prefix: str = PREFIX) -> dict[str, Shape]:
     return out
 
 
-def _clip_with_projection(cfg: CLIPConfig) -> dict[str, Shape]:
-    out = clip_shapes(cfg)
-    out[f"{cfg.prefix}text_projection.weight"] = (cfg.hidden, cfg.hidden)  # ComfyUI's CLIPTextModel keeps it
-    return out
-
-
-def t5_shapes(cfg: T5Config) -> dict[str, Shape]:
-    out: dict[str, Shape] = {}
-    p, d, inner = cfg.prefix, cfg.d_model, cfg.heads * cfg.d_kv
-    out[f"{p}shared.weight"] = (cfg.vocab, d)
-    out[f"{p}encoder.embed_tokens.weight"] = (cfg.vocab, d)  # tied to shared; transformers saves both
-    for i in range(cfg.layers):
-        blk = f"{p}encoder.block.{i}.layer"
-        for proj in ("q", "k", "v"):
-            out[f"{blk}.0.SelfAttention.{proj}.weight"] = (inner, d)
-        out[f"{blk}.0.SelfAttention.o.weight"] = (d, inner)
-        if i == 0:
-            out[f"{blk}.0.SelfAttention.relative_attention_bias.weight"] = (cfg.buckets, cfg.heads)
-        out[f"{blk}.0.layer_norm.weight"] = (d,)
-        out[f"{blk}.1.DenseReluDense.wi_0.weight"] = (cfg.d_ff, d)
-        out[f"{blk}.1.DenseReluDense.wi_1.weight"] = (cfg.d_ff, d)
-        out[f"{blk}.1.DenseReluDense.wo.weight"] = (d, cfg.d_ff)
-        out[f"{blk}.1.layer_norm.weight"] = (d,)
-    out[f"{p}encoder.final_layer_norm.weight"] = (d,)
-    return out
-
-
 # The three releases at real size (diffusers' transformer configs; model_detection's reading of a file).
 SD3_MEDIUM = MMDiTConfig(depth=24)
 SD35_MEDIUM = MMDiTConfig(depth=24, qk_norm=True, attn2_layers=tuple(range(13)), pos_embed_max_size=384)
@@ -208,18 +161,20 @@ def _layout_fn(name: str, real: MMDiTConfig):
                                 attn2_layers=real.attn2_layers, pos_embed_max_size=4, context_dim=2 * width,
                                 adm_in_channels=3 * width, in_channels=real.in_channels,
                                 frequency_embedding=width)
-            return SD3Layout(name, mmdit, VAEConfig(ch=width, z_channels=16), (
+            return SD3Layout(name, mmdit, VAEConfig(ch=width, z_channels=16, quant_conv=False), (
                 CLIPConfig(CLIP_L_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=2,
-                           position_ids=False),
+                           position_ids=False, text_projection=True),
                 CLIPConfig(CLIP_G_PREFIX, hidden=2 * width, layers=32, intermediate=4 * width, vocab=vocab,
-                           heads=2, position_ids=False),
-                T5Config(T5_PREFIX, d_model=2 * width, heads=2, d_kv=width, d_ff=3 * width, vocab=128),
+                           heads=2, position_ids=False, text_projection=True),
+                T5Config(T5_PREFIX, d_model=2 * width, heads=2, d_kv=width, d_ff=3 * width, vocab=128,
+                         embed_tokens=True),
             ))
-        return SD3Layout(name, real, VAEConfig(z_channels=16), (
-            CLIPConfig(CLIP_L_PREFIX, hidden=768, intermediate=3072, vocab=vocab, heads=12, position_ids=False),
+        return SD3Layout(name, real, VAEConfig(z_channels=16, quant_conv=False), (
+            CLIPConfig(CLIP_L_PREFIX, hidden=768, intermediate=3072, vocab=vocab, heads=12, position_ids=False,
+                       text_projection=True),
             CLIPConfig(CLIP_G_PREFIX, hidden=1280, layers=32, intermediate=5120, vocab=vocab, heads=20,
-                       position_ids=False),
-            T5Config(T5_PREFIX),
+                       position_ids=False, text_projection=True),
+            T5Config(T5_PREFIX, embed_tokens=True),
         ))
 
     return layout
