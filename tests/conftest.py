@@ -21,6 +21,7 @@ from merge_lab.io.hashing import cache_dir
 # The CLIP tokenizer is built once at set-up (`make setup` -> `merge-lab setup-tokenizer`) into the user's
 # cache; the per-test cache folder below must not hide it.
 os.environ.setdefault("MERGE_LAB_TOKENIZER_DIR", str(cache_dir() / "clip-tokenizer"))
+os.environ.setdefault("MERGE_LAB_T5_TOKENIZER_DIR", str(cache_dir() / "t5-tokenizer"))
 
 # Merge tests use width 8 and a 256-token vocabulary: the real key set, ~1-2 M parameters per model.
 TEST_WIDTH = 8
