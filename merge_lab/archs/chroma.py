@@ -20,12 +20,15 @@ from typing import Any
 
 from merge_lab.archs.flux import (
     APPROXIMATOR_KEY,
+    FLOW_SCHEDULER,
+    FLUX_VAE,
     GUIDANCE_KEY,
     IMG_IN_KEY,
     LDM_KEY,
     N_DOUBLE,
     N_SINGLE,
     NEVER_MERGED,
+    NO_IMAGE_ENCODER,
     PREFIX,
     PROBE_KEYS,
     REAL_T5,
@@ -40,7 +43,7 @@ from merge_lab.archs.flux import (
     tiny_parts,
     transformer_block_prefixes,
 )
-from merge_lab.archs.registry import ArchSpec, register
+from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
 
 CHROMA_MODULES = ("img_in.", "txt_in.", "distilled_guidance_layer.", "double_blocks.", "single_blocks.",
                   "final_layer.")
@@ -54,8 +57,7 @@ def _config(**kw) -> FluxConfig:
 def layout(width: int | None = None, vocab: int = 49408) -> FluxLayout:
     if width:
         hidden, _, t5, vae = tiny_parts(width, vocab)
-        cfg = _config(hidden=hidden, heads=2, in_channels=16, context_dim=t5.d_model, time_dim=16,
-                      approximator=(16, 2 * width, APPROXIMATOR[2]))
+        cfg = _config(hidden=hidden, heads=2, context_dim=t5.d_model, approximator=(16, 2 * width, APPROXIMATOR[2]))
         return FluxLayout("chroma", cfg, vae, None, t5)
     return FluxLayout("chroma", _config(approximator=APPROXIMATOR), REAL_VAE, None, REAL_T5)
 
@@ -84,11 +86,15 @@ SPEC = register(ArchSpec(
     family="chroma",
     extra_blocks={"DGL": "IN", "VAE": "T5"},
     string_orders={61: FLUX_ORDER},
+    preset_table="presets-flux.tsv",  # Flux's 61-value table, its CLIP value dropped
     slider_columns=(MAIN_BLOCKS[2:2 + N_DOUBLE], ("T5", "IN", "OUT"), MAIN_BLOCKS[2 + N_DOUBLE:-1]),
     key_aliases={m: PREFIX + m for m in CHROMA_MODULES},
     describe_unmatched=describe_unmatched,
-    preview=None,
-    preview_refusal="Chroma checkpoints cannot be previewed yet (previews of Flux-family models come later); "
-                    "they can be merged",
+    # lodestones/Chroma1-HD's pipeline: Flux's VAE and dynamic-shift scheduler, 512-token T5 prompts, real CFG.
+    preview=PreviewSupport(
+        pipeline="ChromaPipeline", pipeline_options=NO_IMAGE_ENCODER,
+        variants=(PreviewVariant("chroma", "chroma", "Chroma", 1024, "flow", FLOW_SCHEDULER, **FLUX_VAE,
+                                 flow_shift=3.0, dynamic_shift=True, max_sequence_length=512),),
+        default_variant="chroma", text_encoder_projection=(False,), converter="chroma"),
     **NEVER_MERGED,
 ))

@@ -38,7 +38,7 @@ from merge_lab.archs.layouts import (
     t5_shapes,
     vae_shapes,
 )
-from merge_lab.archs.registry import ArchSpec, register
+from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
 
 PREFIX = UNET_PREFIX  # the transformer, as ComfyUI / Forge save it
 CLIP_PREFIX = "text_encoders.clip_l.transformer."
@@ -162,11 +162,18 @@ class FluxLayout:
         return out
 
 
+def tiny_t5_vocab(vocab: int) -> int:
+    """A tiny file's T5 vocabulary: T5's real 32128 tokens with CLIP's real vocabulary (a model a preview can
+    tokenize for), else as small as the CLIP one asked for (at most 256)."""
+    return 32128 if vocab == 49408 else min(vocab, 256)
+
+
 def tiny_parts(width: int, vocab: int) -> tuple[int, CLIPConfig, T5Config, VAEConfig]:
-    """(hidden, CLIP-L, T5, VAE) of a tiny Flux-family file: widths shrink, every count stays."""
+    """(hidden, CLIP-L, T5, VAE) of a tiny Flux-family file: widths shrink, every count stays, and so do the
+    sizes the model fixes (the 64 packed latent channels, the 256-wide timestep embedding)."""
     clip = CLIPConfig(CLIP_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4, position_ids=False,
                       text_projection=True)
-    t5 = T5Config(T5_PREFIX, d_model=2 * width, d_kv=width // 2, heads=4, d_ff=4 * width, vocab=min(vocab, 256))
+    t5 = T5Config(T5_PREFIX, d_model=2 * width, d_kv=width // 2, heads=4, d_ff=4 * width, vocab=tiny_t5_vocab(vocab))
     return 2 * width, clip, t5, VAEConfig(ch=width, z_channels=16, quant_conv=False)
 
 
@@ -179,8 +186,7 @@ def flux_layout(arch: str, guidance: bool):
     def layout(width: int | None = None, vocab: int = 49408) -> FluxLayout:
         if width:
             hidden, clip, t5, vae = tiny_parts(width, vocab)
-            cfg = FluxConfig(hidden=hidden, heads=2, in_channels=16, context_dim=t5.d_model, vec_dim=clip.hidden,
-                             guidance=guidance, time_dim=16)
+            cfg = FluxConfig(hidden=hidden, heads=2, context_dim=t5.d_model, vec_dim=clip.hidden, guidance=guidance)
             return FluxLayout(arch, cfg, vae, clip, t5)
         clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False, text_projection=True)
         return FluxLayout(arch, FluxConfig(guidance=guidance), REAL_VAE, clip, REAL_T5)
@@ -262,8 +268,24 @@ KEY_ALIASES = {m: PREFIX + m for m in FLUX_MODULES}
 NEVER_MERGED = dict(never_merged_suffixes=("position_ids", "logit_scale"),
                     kept_keys=("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale"))
 
-PREVIEW_REFUSAL = ("Flux.1 checkpoints cannot be previewed yet (previews of Flux-family models come later); "
-                   "they can be merged")
+# The released pipelines (black-forest-labs/FLUX.1-dev and -schnell model_index / scheduler / vae configs):
+# the 16-channel VAE's scale and shift, dev's resolution-dependent timestep shift and 512-token prompts,
+# schnell's unshifted 4-step schedule and 256 tokens; dev takes the guidance value as a model input.
+FLUX_VAE = dict(vae_scaling_factor=0.3611, vae_shift_factor=0.1159, vae_force_upcast=True)
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+RELEASES = {
+    "dev": PreviewVariant("flux-dev", "flux-dev", "FLUX.1 [dev]", 1024, "flow", FLOW_SCHEDULER, **FLUX_VAE,
+                          flow_shift=3.0, dynamic_shift=True, max_sequence_length=512, embedded_guidance=True),
+    "schnell": PreviewVariant("flux-schnell", "flux-schnell", "FLUX.1 [schnell]", 1024, "flow", FLOW_SCHEDULER,
+                              **FLUX_VAE, flow_shift=1.0, max_sequence_length=256),
+}
+NO_IMAGE_ENCODER = {"image_encoder": None, "feature_extractor": None}  # the IP-Adapter inputs, unused
+
+
+def preview_support(release: str) -> PreviewSupport:
+    return PreviewSupport(pipeline="FluxPipeline", pipeline_options=NO_IMAGE_ENCODER, variants=(RELEASES[release],),
+                          default_variant=RELEASES[release].name, text_encoder_projection=(False, False),
+                          converter="flux")
 
 
 def flux_spec(name: str, release: str, guidance: bool) -> ArchSpec:
@@ -285,8 +307,8 @@ def flux_spec(name: str, release: str, guidance: bool) -> ArchSpec:
         key_aliases=KEY_ALIASES,
         variants=variants,
         describe_unmatched=describe_unmatched,
-        preview=None,
-        preview_refusal=PREVIEW_REFUSAL,
+        preset_table="presets-flux.tsv",
+        preview=preview_support(release),
         **NEVER_MERGED,
     )
 

@@ -58,6 +58,7 @@ class CLIPConfig:
     heads: int = 12
     position_ids: bool = True
     text_projection: bool = False  # ComfyUI's CLIP-L / CLIP-G in Flux and SD3 files keep their projection
+    hidden_act: str = "quick_gelu"  # OpenAI's CLIP-L; OpenCLIP's ViT-bigG (SD3's CLIP-G) uses "gelu" (no shapes)
 
 
 @dataclass(frozen=True)

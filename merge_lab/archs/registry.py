@@ -33,6 +33,14 @@ class PreviewVariant:
     vae_scaling_factor: float
     vae_force_upcast: bool = False  # SDXL's VAE overflows in fp16: diffusers decodes it in fp32
     upcast_attention: bool = False  # SD 2.1 768-v computes attention in fp32 (NaNs in fp16 otherwise)
+    # Flow-matching releases (Flux, Chroma, SD3; prediction_type "flow"): the VAE's latent shift, the
+    # scheduler's timestep shift (dynamic: resolution-dependent, as Flux dev and Chroma ship it), the
+    # T5 prompt length, and whether the guidance value is an input of the model (Flux dev) rather than CFG.
+    vae_shift_factor: float | None = None
+    flow_shift: float = 1.0
+    dynamic_shift: bool = False
+    max_sequence_length: int = 256
+    embedded_guidance: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,9 @@ class PreviewSupport:
     pick_variant: Callable[[str, tuple[str, ...], Mapping[str, str]], tuple[str, bool]] | None = None
     # When the file does not say: (v-prediction variant, epsilon variant), decided by a test render.
     guess_by_test: tuple[str, str] | None = None
+    # How the checkpoint becomes the pipeline's models (merge_lab.preview.convert): "ldm" (a UNet, the
+    # LDM converters), "flux" / "chroma" (a Flux-family transformer), "sd3" (an MMDiT).
+    converter: str = "ldm"
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from merge_lab.archs.layouts import (
     t5_shapes,
     vae_shapes,
 )
-from merge_lab.archs.registry import ArchSpec, register
+from merge_lab.archs.registry import ArchSpec, PreviewSupport, PreviewVariant, register
 
 PREFIX = UNET_PREFIX  # ComfyUI / Stability save the MMDiT under model.diffusion_model.
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
@@ -66,8 +66,16 @@ T5_PREFIX = "text_encoders.t5xxl.transformer."
 PROBE_KEYS = (f"{PREFIX}joint_blocks.0.context_block.adaLN_modulation.1.bias",
               f"{PREFIX}x_embedder.proj.weight")
 
-PREVIEW_REFUSAL = ("SD3 / SD3.5 previews are not supported yet (they come later); the merge itself works, "
-                   "render the merged file in ComfyUI or diffusers")
+
+
+def preview_support(name: str, title: str) -> PreviewSupport:
+    """stabilityai's SD3 / SD3.5 pipelines: two CLIPs with projection and T5 (256-token prompts), the
+    16-channel VAE (scale 1.5305, shift 0.0609), a flow-matching Euler schedule shifted by 3."""
+    variant = PreviewVariant(name, name, title, 1024, "flow", "FlowMatchEulerDiscreteScheduler", 1.5305,
+                             vae_shift_factor=0.0609, flow_shift=3.0, max_sequence_length=256)
+    return PreviewSupport(pipeline="StableDiffusion3Pipeline",
+                          pipeline_options={"image_encoder": None, "feature_extractor": None}, variants=(variant,),
+                          default_variant=name, text_encoder_projection=(True, True, False), converter="sd3")
 
 
 @dataclass(frozen=True)
@@ -157,23 +165,24 @@ def _layout_fn(name: str, real: MMDiTConfig):
     def layout(width: int | None = None, vocab: int = 49408) -> SD3Layout:
         if width:
             # Same key set, tiny widths: hidden = width with 2 heads, every block and attn2 layer kept.
+            # The text widths keep SD3's relation (CLIP-L + CLIP-G = pooled input, both padded into T5's
+            # width), the timestep embedding its fixed 256 channels.
             mmdit = MMDiTConfig(depth=real.depth, hidden=width, heads=2, qk_norm=real.qk_norm,
-                                attn2_layers=real.attn2_layers, pos_embed_max_size=4, context_dim=2 * width,
-                                adm_in_channels=3 * width, in_channels=real.in_channels,
-                                frequency_embedding=width)
+                                attn2_layers=real.attn2_layers, pos_embed_max_size=4, context_dim=4 * width,
+                                adm_in_channels=3 * width, in_channels=real.in_channels)
             return SD3Layout(name, mmdit, VAEConfig(ch=width, z_channels=16, quant_conv=False), (
                 CLIPConfig(CLIP_L_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=2,
                            position_ids=False, text_projection=True),
                 CLIPConfig(CLIP_G_PREFIX, hidden=2 * width, layers=32, intermediate=4 * width, vocab=vocab,
-                           heads=2, position_ids=False, text_projection=True),
-                T5Config(T5_PREFIX, d_model=2 * width, heads=2, d_kv=width, d_ff=3 * width, vocab=128,
-                         embed_tokens=True),
+                           heads=2, position_ids=False, text_projection=True, hidden_act="gelu"),
+                T5Config(T5_PREFIX, d_model=4 * width, heads=2, d_kv=width, d_ff=3 * width,
+                         vocab=32128 if vocab == 49408 else 128, embed_tokens=True),
             ))
         return SD3Layout(name, real, VAEConfig(z_channels=16, quant_conv=False), (
             CLIPConfig(CLIP_L_PREFIX, hidden=768, intermediate=3072, vocab=vocab, heads=12, position_ids=False,
                        text_projection=True),
             CLIPConfig(CLIP_G_PREFIX, hidden=1280, layers=32, intermediate=5120, vocab=vocab, heads=20,
-                       position_ids=False, text_projection=True),
+                       position_ids=False, text_projection=True, hidden_act="gelu"),
             T5Config(T5_PREFIX, embed_tokens=True),
         ))
 
@@ -259,8 +268,8 @@ def _spec(name: str, title: str, short: str, modelspec: str, cfg: MMDiTConfig) -
         # ComfyUI's text-encoder wrappers save a logit_scale beside each encoder (outside .transformer.)
         kept_keys=tuple(f"text_encoders.{n}.logit_scale" for n in ("clip_l", "clip_g", "t5xxl")),
         describe_unmatched=describe_unmatched,
-        preview=None,
-        preview_refusal=PREVIEW_REFUSAL,
+        preset_table="presets-sd35-large.tsv" if cfg.depth == 38 else "presets-sd3-medium.tsv",
+        preview=preview_support(name, title),
     )
 
 

@@ -111,6 +111,10 @@ def add_render_arguments(p: argparse.ArgumentParser, *, seed_axis_note: bool = F
                    help="what the UNet predicts; auto: the checkpoint's metadata, else the release's (SD2: "
                         "512-base epsilon or 768-v v_prediction by the web UI's test)")
     g.add_argument("--preview-dir", dest="preview_dir", help="where images go (default: previews/)")
+    g.add_argument("--with", dest="preview_with", action="append", default=[], metavar="FILE",
+                   help="Flux / Chroma / SD3: a file giving a component the checkpoint lacks or one to use "
+                        "instead (ComfyUI's clip_l / clip_g / t5xxl text encoders, BFL's ae.safetensors VAE); "
+                        "repeatable")
 
 
 

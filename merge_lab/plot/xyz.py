@@ -268,9 +268,10 @@ def _fingerprints(cells: list[Cell]) -> None:
 
 def run_xyz(recipe: Recipe, settings, out_dir: str | os.PathLike, *, x: Axis | None, y: Axis | None = None,
             z: Axis | None = None, progress: bool = True, cache=None, min_cell: int = 128,
-            merge: Callable | None = None) -> XYZResult:
+            merge: Callable | None = None, components=()) -> XYZResult:
     """Merge, render and draw the grid(s). `merge` (default engine.merge_to_state_dict) is injectable for
-    tests; `cache` is the preview PipelineCache (default: the shared one)."""
+    tests; `cache` is the preview PipelineCache (default: the shared one); `components`: files giving a
+    Flux / Chroma / SD3 model's text encoders or VAE."""
     from tqdm import tqdm
 
     from merge_lab.engine import merge_to_state_dict
@@ -317,7 +318,7 @@ def run_xyz(recipe: Recipe, settings, out_dir: str | os.PathLike, *, x: Axis | N
                 if i:
                     hits += 1  # the merged weights of this recipe are already loaded
                 t0 = time.perf_counter()
-                image = render_merge(result, cell.settings, consume=True, cache=cache)[0]
+                image = render_merge(result, cell.settings, consume=True, cache=cache, components=components)[0]
                 cell.seconds = time.perf_counter() - t0
                 cell.model_name = merged_model_name(result)
                 zi, yi, xi = cell.index

@@ -22,7 +22,7 @@ from typing import Any
 
 from merge_lab import archs
 from merge_lab.archs import layout_for
-from merge_lab.archs.layouts import CLIPConfig, ModelLayout, OpenCLIPConfig, UNetConfig, VAEConfig
+from merge_lab.archs.layouts import CLIPConfig, ModelLayout, OpenCLIPConfig, T5Config, UNetConfig, VAEConfig
 from merge_lab.archs.registry import PreviewVariant
 
 CONFIGS_DIR = Path(__file__).parent.parent / "archs" / "configs"
@@ -109,7 +109,7 @@ def vae_config(cfg: VAEConfig, variant: PreviewVariant) -> dict[str, Any]:
 def text_encoder_config(te: CLIPConfig | OpenCLIPConfig, *, with_projection: bool, penultimate: bool = False
                         ) -> dict[str, Any]:
     if isinstance(te, CLIPConfig):  # OpenAI CLIP ViT-L/14 text tower
-        hidden, intermediate, layers, act, projection = te.hidden, te.intermediate, te.layers, "quick_gelu", te.hidden
+        hidden, intermediate, layers, act, projection = te.hidden, te.intermediate, te.layers, te.hidden_act, te.hidden
     else:  # OpenCLIP ViT-H / ViT-bigG text tower
         hidden, intermediate, layers, act = te.width, te.width * te.mlp_ratio, te.layers, "gelu"
         projection = te.projection_dim
@@ -171,12 +171,14 @@ def _pad_token(te: CLIPConfig | OpenCLIPConfig) -> str:
     return "<|endoftext|>" if isinstance(te, CLIPConfig) else "!"
 
 
-def pipeline_configs(layout: ModelLayout, variant: PreviewVariant | str) -> dict[str, dict[str, Any]]:
+def pipeline_configs(layout, variant: PreviewVariant | str) -> dict[str, dict[str, Any]]:
     """Every config file of a diffusers pipeline folder for `layout`, keyed by its relative path."""
     variant = archs.preview_variants()[variant] if isinstance(variant, str) else variant
     if variant.arch != layout.arch:
         raise ValueError(f"variant {variant.name} is {variant.arch}, the layout is {layout.arch}")
     support = archs.get(layout.arch).preview
+    if support.converter != "ldm":
+        return flow_pipeline_configs(layout, variant)
     files: dict[str, dict[str, Any]] = {
         "unet/config.json": unet_config(layout.unet, variant, layout),
         "vae/config.json": vae_config(layout.vae, variant),
@@ -201,6 +203,148 @@ def pipeline_configs(layout: ModelLayout, variant: PreviewVariant | str) -> dict
         with_projection = support.text_encoder_projection[i]
         index[te_name] = ["transformers", "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"]
         index[tok_name] = ["transformers", "CLIPTokenizer"]
+    index.update({k: [None, None] if v is None else v for k, v in support.pipeline_options.items()})
+    files["model_index.json"] = dict(sorted(index.items()))
+    return dict(sorted(files.items()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# flow-matching transformers: Flux.1, Chroma, SD3.x
+# ----------------------------------------------------------------------------------------------------
+
+def rope_axes(head_dim: int) -> list[int]:
+    """Flux's rotary axes (16, 56, 56) for 128-wide heads: the first an eighth of the head (at least 2), the
+    two image axes equal, each even, summing to the head width (the same rule for tiny models)."""
+    for first in range(max(2, head_dim // 8 // 2 * 2), head_dim, 2):
+        if (head_dim - first) % 4 == 0:
+            return [first, (head_dim - first) // 2, (head_dim - first) // 2]
+    raise ValueError(f"no rotary axes for {head_dim}-wide heads")
+
+
+def flux_transformer_config(layout) -> dict[str, Any]:
+    cfg = layout.transformer
+    head_dim = cfg.hidden // cfg.heads
+    config: dict[str, Any] = {
+        "attention_head_dim": head_dim,
+        "axes_dims_rope": rope_axes(head_dim),
+        "in_channels": cfg.in_channels,
+        "joint_attention_dim": cfg.context_dim,
+        "num_attention_heads": cfg.heads,
+        "num_layers": cfg.depth,
+        "num_single_layers": cfg.depth_single,
+        "patch_size": 1,
+    }
+    if cfg.approximator is not None:  # Chroma
+        in_dim, hidden, layers = cfg.approximator
+        config.update({"_class_name": "ChromaTransformer2DModel", "approximator_hidden_dim": hidden,
+                       "approximator_layers": layers, "approximator_num_channels": in_dim})
+    else:
+        config.update({"_class_name": "FluxTransformer2DModel", "guidance_embeds": cfg.guidance,
+                       "pooled_projection_dim": cfg.vec_dim})
+    return dict(sorted(config.items()))
+
+
+def sd3_transformer_config(layout, variant: PreviewVariant) -> dict[str, Any]:
+    cfg = layout.mmdit
+    heads = cfg.width // cfg.head_dim
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "attention_head_dim": cfg.head_dim,
+        "caption_projection_dim": cfg.width,
+        "dual_attention_layers": list(cfg.attn2_layers),
+        "in_channels": cfg.in_channels,
+        "joint_attention_dim": cfg.context_dim,
+        "num_attention_heads": heads,
+        "num_layers": cfg.depth,
+        "out_channels": cfg.in_channels,
+        "patch_size": cfg.patch_size,
+        "pooled_projection_dim": cfg.adm_in_channels,
+        "pos_embed_max_size": cfg.pos_embed_max_size,
+        "qk_norm": "rms_norm" if cfg.qk_norm else None,
+        "sample_size": variant.image_size // 2 ** (len(layout.vae.ch_mult) - 1),
+    }
+
+
+def t5_config(te: T5Config) -> dict[str, Any]:
+    """T5 v1.1 encoder (google/t5-v1_1-xxl: gated GELU, no biases, untied head)."""
+    return {
+        "architectures": ["T5EncoderModel"],
+        "d_ff": te.d_ff,
+        "d_kv": te.d_kv,
+        "d_model": te.d_model,
+        "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu_new",
+        "dropout_rate": 0.1,
+        "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu",
+        "initializer_factor": 1.0,
+        "is_encoder_decoder": True,
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "t5",
+        "num_decoder_layers": te.layers,
+        "num_heads": te.heads,
+        "num_layers": te.layers,
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": te.buckets,
+        "tie_word_embeddings": False,
+        "vocab_size": te.vocab,
+    }
+
+
+def t5_tokenizer_config(max_length: int) -> dict[str, Any]:
+    return {"eos_token": "</s>", "extra_ids": 100, "model_max_length": max_length, "pad_token": "<pad>",
+            "tokenizer_class": "T5Tokenizer", "unk_token": "<unk>"}
+
+
+def flow_scheduler_config(variant: PreviewVariant) -> dict[str, Any]:
+    return {"_class_name": variant.scheduler, "base_image_seq_len": 256, "base_shift": 0.5,
+            "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": variant.flow_shift,
+            "use_dynamic_shifting": variant.dynamic_shift}
+
+
+def flow_vae_config(cfg: VAEConfig, variant: PreviewVariant) -> dict[str, Any]:
+    config = vae_config(cfg, variant)
+    config.update({"mid_block_add_attention": True, "shift_factor": variant.vae_shift_factor,
+                   "use_post_quant_conv": cfg.quant_conv, "use_quant_conv": cfg.quant_conv})
+    return dict(sorted(config.items()))
+
+
+def flow_text_encoders(layout) -> list:
+    """The layout's text encoders in the pipeline's order (text_encoder, text_encoder_2, ...)."""
+    return list(layout.text_encoders)
+
+
+def flow_pipeline_configs(layout, variant: PreviewVariant) -> dict[str, dict[str, Any]]:
+    support = archs.get(layout.arch).preview
+    transformer = sd3_transformer_config(layout, variant) if support.converter == "sd3" else \
+        flux_transformer_config(layout)
+    files: dict[str, dict[str, Any]] = {
+        "transformer/config.json": transformer,
+        "vae/config.json": flow_vae_config(layout.vae, variant),
+        "scheduler/scheduler_config.json": flow_scheduler_config(variant),
+    }
+    index: dict[str, Any] = {"_class_name": support.pipeline, "scheduler": ["diffusers", variant.scheduler],
+                             "transformer": ["diffusers", transformer["_class_name"]],
+                             "vae": ["diffusers", "AutoencoderKL"]}
+    for i, te in enumerate(flow_text_encoders(layout)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        if isinstance(te, T5Config):
+            files[f"text_encoder{suffix}/config.json"] = t5_config(te)
+            tok = t5_tokenizer_config(variant.max_sequence_length)
+            index[f"text_encoder{suffix}"] = ["transformers", "T5EncoderModel"]
+            index[f"tokenizer{suffix}"] = ["transformers", "T5TokenizerFast"]
+        else:
+            with_projection = support.text_encoder_projection[i]
+            files[f"text_encoder{suffix}/config.json"] = text_encoder_config(te, with_projection=with_projection)
+            # SD3's second CLIP (OpenCLIP ViT-bigG) pads with "!" as SDXL's does.
+            tok = tokenizer_config("!" if te.hidden_act == "gelu" else "<|endoftext|>")
+            index[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection" if with_projection
+                                              else "CLIPTextModel"]
+            index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        files[f"tokenizer{suffix}/tokenizer_config.json"] = tok
+        files[f"tokenizer{suffix}/special_tokens_map.json"] = {k: tok[k] for k in tok if k.endswith("_token")}
     index.update({k: [None, None] if v is None else v for k, v in support.pipeline_options.items()})
     files["model_index.json"] = dict(sorted(index.items()))
     return dict(sorted(files.items()))
@@ -237,12 +381,18 @@ def write_config_folder(dest: str | os.PathLike, layout: ModelLayout, variant: P
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(_dump(config), encoding="utf-8")
     if with_tokenizer:
+        from merge_lab.preview.t5_tokenizer import t5_tokenizer_dir
         from merge_lab.preview.tokenizer import vocabulary_files
 
-        for tok_name in ("tokenizer", "tokenizer_2"):
-            if (dest / tok_name).is_dir():
-                for source in vocabulary_files():
-                    (dest / tok_name / source.name).write_bytes(source.read_bytes())
+        for rel, config in files.items():
+            if rel.endswith("/tokenizer_config.json"):
+                folder = (dest / rel).parent
+                if config["tokenizer_class"] == "T5Tokenizer":
+                    t5_tokenizer = t5_tokenizer_dir() / "tokenizer.json"
+                    (folder / "tokenizer.json").write_bytes(t5_tokenizer.read_bytes())
+                else:
+                    for source in vocabulary_files():
+                        (folder / source.name).write_bytes(source.read_bytes())
     return dest
 
 

@@ -25,7 +25,15 @@ import torch
 from merge_lab import archs
 from merge_lab.archs.layouts import UNET_PREFIX
 from merge_lab.errors import MergeLabError
-from merge_lab.preview.convert import _quiet_imports, component_names, convert_state_dict, used_keys
+from merge_lab.preview.components import with_components
+from merge_lab.preview.convert import (
+    _quiet_imports,
+    component_names,
+    convert_state_dict,
+    is_flow,
+    text_encoder_names,
+    used_keys,
+)
 from merge_lab.preview.diffusers_configs import load_shipped, pipeline_configs
 from merge_lab.preview.identify import ModelKind, identify
 from merge_lab.preview.infotext import infotext, merged_model_name
@@ -41,6 +49,14 @@ from merge_lab.preview.settings import (
 # ----------------------------------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------------------------------
+
+# Flow-matching models (Flux, Chroma, SD3) sample with diffusers' flow-matching schedulers: Euler, its
+# stochastic form (noise re-injected each step, as ComfyUI's euler_ancestral does on flow models) and Heun.
+FLOW_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "euler_a": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
 
 def _empty_weights():
     from accelerate import init_empty_weights
@@ -72,6 +88,9 @@ class PreviewPipeline:
         def plain(config):
             return {k: v for k, v in config.items() if not k.startswith("_")}
 
+        if is_flow(self.layout):
+            self._build_flow(diffusers, transformers, plain)
+            return
         with _empty_weights():
             unet = diffusers.UNet2DConditionModel.from_config(plain(cfg["unet/config.json"]))
             vae = diffusers.AutoencoderKL.from_config(plain(cfg["vae/config.json"]))
@@ -90,6 +109,37 @@ class PreviewPipeline:
         scheduler = self._scheduler(SAMPLERS["euler"])
         support = archs.get(self.arch).preview
         self.pipe = getattr(diffusers, support.pipeline)(vae=vae, unet=unet, scheduler=scheduler, **encoders,
+                                                         **tokenizers, **support.pipeline_options)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def _build_flow(self, diffusers, transformers, plain) -> None:
+        """Flux / Chroma / SD3: a transformer, the 16-channel VAE, CLIP and / or T5 text encoders."""
+        from merge_lab.preview.t5_tokenizer import t5_tokenizer
+        from merge_lab.preview.tokenizer import clip_tokenizer
+
+        cfg = self.configs
+        encoders, tokenizers = {}, {}
+        with _empty_weights():
+            t_cfg = cfg["transformer/config.json"]
+            transformer = getattr(diffusers, t_cfg["_class_name"]).from_config(plain(t_cfg))
+            vae = diffusers.AutoencoderKL.from_config(plain(cfg["vae/config.json"]))
+            for name in text_encoder_names(self.layout):
+                te_cfg = dict(cfg[f"{name}/config.json"])
+                cls = te_cfg["architectures"][0]
+                config_cls = transformers.T5Config if cls == "T5EncoderModel" else transformers.CLIPTextConfig
+                encoders[name] = getattr(transformers, cls)(config_cls.from_dict(te_cfg))
+        for name in text_encoder_names(self.layout):
+            tok_name = name.replace("text_encoder", "tokenizer")
+            tok_cfg = cfg[f"{tok_name}/tokenizer_config.json"]
+            tokenizers[tok_name] = t5_tokenizer(tok_cfg["model_max_length"]) \
+                if tok_cfg["tokenizer_class"] == "T5Tokenizer" else \
+                clip_tokenizer(tok_cfg["pad_token"], tok_cfg["model_max_length"])
+        self.modules = {"transformer": transformer, "vae": vae, **encoders}
+        for module in self.modules.values():
+            module.eval().requires_grad_(False)
+        support = archs.get(self.arch).preview
+        self.pipe = getattr(diffusers, support.pipeline)(transformer=transformer, vae=vae,
+                                                         scheduler=self._scheduler(SAMPLERS["euler"]), **encoders,
                                                          **tokenizers, **support.pipeline_options)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -135,7 +185,8 @@ class PreviewPipeline:
         self.weights_id = None
 
     def _has_weights(self) -> bool:
-        return any(p.device.type != "meta" for p in self.modules["unet"].parameters())
+        main = self.modules.get("unet") or self.modules["transformer"]
+        return any(p.device.type != "meta" for p in main.parameters())
 
     def guess_v_prediction(self) -> bool:
         """The web UI's test for SD2 checkpoints that do not say: a v-prediction UNet maps a constant input
@@ -152,6 +203,13 @@ class PreviewPipeline:
         import diffusers
 
         base = {k: v for k, v in self.configs["scheduler/scheduler_config.json"].items() if not k.startswith("_")}
+        if self.variant.prediction_type == "flow":
+            if sampler.name not in FLOW_SAMPLERS:
+                raise MergeLabError(f"preview: sampler {sampler.label} does not sample flow-matching models "
+                                    f"({self.variant.title}); use one of: "
+                                    f"{', '.join(SAMPLERS[n].label for n in FLOW_SAMPLERS)}")
+            cls_name, options = FLOW_SAMPLERS[sampler.name]
+            return getattr(diffusers, cls_name).from_config(base, **options)
         base["prediction_type"] = self.variant.prediction_type
         cls = getattr(diffusers, sampler.scheduler)
         return cls.from_config(base, **dict(sampler.options))
@@ -168,11 +226,19 @@ class PreviewPipeline:
         width, height = self.size(settings)
         self.pipe.scheduler = self._scheduler(find_sampler(settings.sampler))
         generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(settings.batch_size)]
+        options: dict[str, Any] = {}
+        if self.variant.prediction_type == "flow":
+            options["max_sequence_length"] = self.variant.max_sequence_length
+        # Flux.1 is guidance-distilled: the value is the model's guidance input, there is no negative pass
+        # (Forge's "Distilled CFG Scale"); Chroma and SD3 run real CFG with the negative prompt.
+        negative = None if archs.get(self.arch).preview.converter == "flux" else settings.negative_prompt or None
+        if negative is not None or archs.get(self.arch).preview.converter != "flux":
+            options["negative_prompt"] = negative
         with torch.inference_mode():
-            result = self.pipe(prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
-                               num_inference_steps=settings.steps, guidance_scale=float(settings.cfg_scale),
-                               width=width, height=height, generator=generators,
-                               num_images_per_prompt=settings.batch_size, output_type="pil")
+            result = self.pipe(prompt=settings.prompt, num_inference_steps=settings.steps,
+                               guidance_scale=float(settings.cfg_scale), width=width, height=height,
+                               generator=generators, num_images_per_prompt=settings.batch_size, output_type="pil",
+                               **options)
         return list(result.images)
 
 
@@ -241,6 +307,8 @@ class Source:
     recipe: dict[str, Any] | None = None
     weights_id: str | None = None
     path: str | None = None
+    # key -> (file, its key there): the components other files give (merge_lab.preview.components)
+    component_sources: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def _file_source(path: str | os.PathLike) -> Source:
@@ -263,27 +331,61 @@ def _file_source(path: str | os.PathLike) -> Source:
                   f"file:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}", path)
 
 
-def _read_file_weights(path: str, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read only the keys a preview uses, each cast to the render dtype as it is read."""
+def _read_file_weights(path: str | None, keys: list[str], dtype: torch.dtype,
+                       sources: Mapping[str, tuple[str, str]] | None = None) -> dict[str, torch.Tensor]:
+    """Read only the keys a preview uses, each cast to the render dtype as it is read (from the component file
+    that gives it, else from `path`)."""
     from merge_lab.archs import current_key_name
     from merge_lab.io.checkpoints import open_checkpoint
 
-    reader = open_checkpoint(path, current_key_name)
+    sources = sources or {}
+    readers = {}
     try:
         out = {}
         for key in keys:
-            t = reader.read(key)
+            file, file_key = sources.get(key, (path, key))
+            if file not in readers:
+                readers[file] = open_checkpoint(file, current_key_name if file == path else None)
+            t = readers[file].read(file_key)
             out[key] = t.to(dtype) if t.is_floating_point() else t
         return out
     finally:
-        reader.close()
+        for reader in readers.values():
+            reader.close()
+
+
+def _with_component_files(src: Source, files) -> Source:
+    """`src` with the components other files give (text encoders, VAE) for a Flux / Chroma / SD3 preview."""
+    from merge_lab.archs.detect import detect
+    from merge_lab.io.checkpoints import open_checkpoint
+    from merge_lab.preview.identify import _flow_layout, _infos
+
+    arch = detect(_infos(src.shapes), src.metadata, src.path)
+    if archs.get(arch.arch).preview is None or archs.get(arch.arch).preview.converter == "ldm":
+        raise MergeLabError(f"preview: --with files are for Flux / Chroma / SD3 checkpoints, not {arch.arch}",
+                            path=src.path)
+    layout = _flow_layout(arch.arch, src.shapes)
+    extra, ids = {}, []
+    for file in files:
+        file = os.fspath(file)
+        reader = open_checkpoint(file)
+        try:
+            extra[file] = {k: tuple(t.shape) for k, t in reader.tensors.items()}
+        finally:
+            reader.close()
+        st = os.stat(file)
+        ids.append(f"{os.path.realpath(file)}:{st.st_size}:{st.st_mtime_ns}")
+    shapes, sources = with_components(src.shapes, layout, extra)
+    weights_id = f"{src.weights_id}+with:{'|'.join(ids)}" if src.weights_id else None
+    return replace(src, shapes=shapes, component_sources=sources, weights_id=weights_id)
 
 
 def prepare(source: Mapping[str, torch.Tensor] | str | os.PathLike, settings: PreviewSettings, *,
             arch: str | None = None, weights_id: str | None = None, consume: bool = False,
-            metadata: Mapping[str, str] | None = None, cache: PipelineCache | None = None
-            ) -> tuple[PreviewPipeline, Source]:
-    """The cached pipeline for `source`, holding its weights (loaded unless `weights_id` is already loaded)."""
+            metadata: Mapping[str, str] | None = None, cache: PipelineCache | None = None,
+            components=()) -> tuple[PreviewPipeline, Source]:
+    """The cached pipeline for `source`, holding its weights (loaded unless `weights_id` is already loaded);
+    `components`: files giving a Flux / Chroma / SD3 checkpoint's text encoders or VAE."""
     cache = cache or _DEFAULT_CACHE
     if isinstance(source, (str, os.PathLike)):
         src = _file_source(source)
@@ -294,6 +396,8 @@ def prepare(source: Mapping[str, torch.Tensor] | str | os.PathLike, settings: Pr
                      weights_id=weights_id)
     if weights_id is not None:
         src.weights_id = weights_id
+    if components:
+        src = _with_component_files(src, components)
     held = cache.holding(src.weights_id)
     if held is not None:
         return held, src
@@ -306,12 +410,23 @@ def prepare(source: Mapping[str, torch.Tensor] | str | os.PathLike, settings: Pr
     device = torch_device(settings.device)
     dtype = render_dtype(settings.dtype, device, kind.n_params)
     pipe = cache.get(kind, dtype, device)
-    weights = src.state_dict if src.state_dict is not None else \
-        _read_file_weights(src.path, used_keys(kind.layout), dtype)
-    pipe.load(weights, weights_id=src.weights_id, consume=consume or src.state_dict is None)
+    keys = used_keys(kind.layout)
+    if src.state_dict is None:
+        weights = _read_file_weights(src.path, keys, dtype, src.component_sources)
+    elif src.component_sources:
+        given = [k for k in keys if k in src.component_sources]
+        weights = {k: src.state_dict[k] for k in keys if k not in src.component_sources}
+        weights.update(_read_file_weights(None, given, dtype, src.component_sources))
+        if consume:
+            for key in weights:
+                src.state_dict.pop(key, None)
+    else:
+        weights = src.state_dict
+    pipe.load(weights, weights_id=src.weights_id,
+              consume=consume or src.state_dict is None or bool(src.component_sources))
     cache.loads += 1
     guess = archs.get(kind.arch.arch).preview.guess_by_test
-    if guess is not None and not kind.prediction_known and settings.prediction == "auto":
+    if guess is not None and not kind.prediction_known and settings.prediction == "auto" and not is_flow(kind.layout):
         releases = {v.name: v for v in archs.get(kind.arch.arch).preview.variants}
         pipe.variant = releases[guess[0] if pipe.guess_v_prediction() else guess[1]]
     return pipe, src
@@ -321,7 +436,7 @@ def render(source: Mapping[str, torch.Tensor] | str | os.PathLike, arch: str | N
            settings: PreviewSettings | None = None, *, model_name: str | None = None,
            model_hash: str | None = None, recipe: Mapping[str, Any] | None = None, weights_id: str | None = None,
            consume: bool = False, metadata: Mapping[str, str] | None = None,
-           cache: PipelineCache | None = None) -> list:
+           cache: PipelineCache | None = None, components=()) -> list:
     """Render `settings` with the weights of `source` (an LDM state dict, or a checkpoint file).
 
     `arch` (sd1 / sd2 / sdxl) is checked when given; the model is identified from its keys anyway.
@@ -336,7 +451,7 @@ def render(source: Mapping[str, torch.Tensor] | str | os.PathLike, arch: str | N
     cache = cache or _DEFAULT_CACHE
     with cache.lock:
         pipe, src = prepare(source, settings, arch=arch, weights_id=weights_id, consume=consume, metadata=metadata,
-                            cache=cache)
+                            cache=cache, components=components)
         images = pipe.render(settings)
         width, height = pipe.size(settings)
     name = model_name or src.model_name
@@ -351,15 +466,16 @@ def render(source: Mapping[str, torch.Tensor] | str | os.PathLike, arch: str | N
 
 
 def render_merge(result, settings: PreviewSettings | None = None, *, consume: bool = False,
-                 cache: PipelineCache | None = None) -> list:
+                 cache: PipelineCache | None = None, components=()) -> list:
     """Render an engine MergeResult (from merge_to_state_dict): named by its output file or recipe hash, hashed
     by its AutoV2 (when saved) or recipe hash, carrying its recipe; cached by its recipe hash."""
     if result.state_dict is None and result.out:
         return render(result.out, settings=settings, model_name=merged_model_name(result),
-                      recipe=result.recipe_record, cache=cache)
+                      recipe=result.recipe_record, cache=cache, components=components)
     if result.state_dict is None:
         raise MergeLabError("preview: the merge result holds no weights (merge with merge_to_state_dict)")
     metadata = {"modelspec.prediction_type": "v"} if "v-prediction" in result.arch else None
     return render(result.state_dict, settings=settings, model_name=merged_model_name(result),
                   model_hash=result.autov2 or result.fingerprint[:10], recipe=result.recipe_record,
-                  weights_id=f"recipe:{result.fingerprint}", consume=consume, metadata=metadata, cache=cache)
+                  weights_id=f"recipe:{result.fingerprint}", consume=consume, metadata=metadata, cache=cache,
+                  components=components)

@@ -113,8 +113,8 @@ def test_every_layout_key_has_a_block_at_real_and_tiny_size(flux_archs, arch):
         assert detect(tensors).arch == arch
         assert {key_role(k, arch) for k in shapes} == {"merge"}
         assert {block_of(k, arch) for k in shapes} == set(spec.all_blocks)
-    assert spec.family == ("chroma" if arch == "chroma" else "flux") and spec.preview is None
-    assert "come later" in spec.preview_refusal
+    assert spec.family == ("chroma" if arch == "chroma" else "flux")
+    assert spec.preview.pipeline == ("ChromaPipeline" if arch == "chroma" else "FluxPipeline")
 
 
 def test_dev_and_schnell_are_told_apart_by_guidance_in(flux_archs, tmp_path):
@@ -222,8 +222,22 @@ def test_model_stock_and_ties_run(flux_archs, tmp_path, arch, method):
     assert any(not torch.equal(merged[k], base[k]) for k in merged if k.startswith(f"{P}double_blocks.0."))
 
 
-def test_previews_are_refused_with_the_records_reason(flux_archs):
-    identify = pytest.importorskip("merge_lab.preview.identify")
-    shapes = archs.layout_for("flux-dev", width=WIDTH, vocab=VOCAB).shapes()
-    with pytest.raises(MergeLabError, match="come later"):
-        identify.identify(shapes)
+@pytest.mark.parametrize("arch", ["flux-dev", "chroma"])
+def test_presets_name_the_transformers_parts(flux_archs, arch, tmp_path):
+    """DOUBLE_ONLY takes model B's double-stream blocks and nothing else; FLAT_50 leaves the text encoders A's."""
+    from merge_lab.archs.presets import presets
+
+    assert {"FLAT_25", "FLAT_50", "DOUBLE_ONLY", "SINGLE_ONLY", "RAMP_UP", "TEXT_ONLY"} <= set(presets(arch))
+    a, b = _write(_state(arch, 1), tmp_path / "a.safetensors"), _write(_state(arch, 2), tmp_path / "b.safetensors")
+    for preset in ("DOUBLE_ONLY", "FLAT_50"):
+        out = tmp_path / f"{preset}.safetensors"
+        merge_to_file(Recipe(models=[str(a), str(b)], alpha=0.5, blocks=preset, out=str(out)))
+        merged, _ = _read(out)
+        sa, sb = _state(arch, 1), _state(arch, 2)
+        double, single = f"{P}double_blocks.3.img_mlp.0.weight", f"{P}single_blocks.5.linear1.weight"
+        t5 = "text_encoders.t5xxl.transformer.shared.weight"
+        if preset == "DOUBLE_ONLY":
+            assert torch.equal(merged[double], sb[double]) and torch.equal(merged[single], sa[single])
+        else:
+            assert torch.allclose(merged[single], (sa[single] + sb[single]) / 2, atol=1e-6)
+            assert torch.equal(merged[t5], sa[t5])

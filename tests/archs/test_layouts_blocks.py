@@ -85,7 +85,7 @@ def test_ratio_resolution_errors():
 def test_presets_by_name():
     from merge_lab.archs.presets import preset_values, presets
 
-    assert len(presets()) == 38
+    assert len(presets("sd1")) == 38 and set(presets("sd1")) <= set(presets())  # the union of every table
     grad_v = preset_values("GRAD_V", "sd1")
     assert len(grad_v) == 26 and grad_v[0] == 0 and grad_v[1] == 1 and grad_v[13] == 0 and grad_v[25] == 1
     xl = preset_values("grad_v", "sdxl")  # names are case-insensitive

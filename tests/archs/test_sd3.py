@@ -67,7 +67,7 @@ def _state(arch, part="all", seed=0):
 def test_the_records_are_registered_with_comfyuis_block_order():
     for arch, depth in zip(ARCHS, (24, 24, 38)):
         spec = archs.get(arch)
-        assert spec.family == "sd3" and spec.preview is None and "later" in spec.preview_refusal
+        assert spec.family == "sd3" and spec.preview.pipeline == "StableDiffusion3Pipeline"
         assert spec.main_blocks == ("POS", "X_EMB", "CTX_EMB", "Y_EMB", "T_EMB",
                                     *(f"JB{i:02d}" for i in range(depth)), "FINAL")
         assert set(spec.extra_blocks) == {"CLIP_L", "CLIP_G", "T5", "VAE"}
@@ -203,3 +203,24 @@ def test_ties_and_model_stock_run(arch, method, tmp_path):
         key = f"{P}joint_blocks.3.x_block.attn.qkv.weight"
         t = f.get_tensor(key)
         assert torch.isfinite(t).all() and not torch.equal(t, base[key])
+
+
+@pytest.mark.parametrize("arch", ["sd3-medium", "sd35-large"])
+def test_presets_in_comfyuis_order(arch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from merge_lab.archs.presets import presets
+    from merge_lab.engine import Recipe, merge_to_file
+
+    table = presets(arch)
+    assert {"FLAT_25", "JOINT_ONLY", "EMBED_ONLY", "RAMP_UP"} <= set(table)
+    assert all(len(v) == len(archs.get(arch).main_blocks) for v in table.values())
+    sa, sb = _state(arch, seed=1), _state(arch, seed=2)
+    save_file(sa, str(tmp_path / "a.safetensors"))
+    save_file(sb, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "m.safetensors"
+    merge_to_file(Recipe(models=[str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], alpha=0.5,
+                         blocks="JOINT_ONLY", out=str(out)))
+    merged = load_file(str(out))
+    joint, embed = f"{P}joint_blocks.2.x_block.mlp.fc1.weight", f"{P}x_embedder.proj.weight"
+    assert torch.equal(merged[joint], sb[joint]) and torch.equal(merged[embed], sa[embed])

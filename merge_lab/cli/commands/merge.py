@@ -100,5 +100,5 @@ def _merge_and_preview(recipe: Recipe, args) -> int:
         print(f"merged in memory (not saved): {result.arch} {result.method}, {result.keys} keys, "
               f"{result.seconds:.2f} s, recipe hash {result.fingerprint}")
     default_dir = Path(result.out).parent / "previews" if result.out else Path("previews")
-    save_previews(result, settings, Path(args.preview_dir) if args.preview_dir else default_dir)
+    save_previews(result, settings, Path(args.preview_dir) if args.preview_dir else default_dir, args.preview_with)
     return 0

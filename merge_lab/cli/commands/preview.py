@@ -11,16 +11,17 @@ from merge_lab.cli.progress import TqdmProgress
 from merge_lab.errors import RecipeError
 
 
-def save_previews(source, settings, folder: Path) -> list[Path]:
-    """Render `source` (a MergeResult or a checkpoint path) and save PNGs with their metadata into `folder`."""
+def save_previews(source, settings, folder: Path, components=()) -> list[Path]:
+    """Render `source` (a MergeResult or a checkpoint path) and save PNGs with their metadata into `folder`;
+    `components`: files giving a Flux / Chroma / SD3 model's text encoders or VAE (--with)."""
     from merge_lab.preview.infotext import image_file_name, parse_infotext, save_png
     from merge_lab.preview.pipeline import render, render_merge
 
     start = time.perf_counter()
     if isinstance(source, (str, Path)):
-        images = render(source, settings=settings)
+        images = render(source, settings=settings, components=components)
     else:
-        images = render_merge(source, settings, consume=True)
+        images = render_merge(source, settings, consume=True, components=components)
     seconds = time.perf_counter() - start
     paths = []
     for image in images:
@@ -59,7 +60,7 @@ def run(args) -> int:
     if args.model:
         if args.recipe or args.models:
             raise RecipeError("give either --model FILE or a recipe (--models / --recipe), not both")
-        save_previews(args.model, settings, folder)
+        save_previews(args.model, settings, folder, args.preview_with)
         return 0
     recipe = recipe_from_args(args)
     recipe.out = None  # previews never save the merged model: use `merge --preview --out` for that
@@ -67,5 +68,5 @@ def run(args) -> int:
         result = merge_to_state_dict(recipe, progress=bar)
     print(f"merged in memory: {result.arch} {result.method}, {result.keys} keys, {result.seconds:.2f} s, "
           f"recipe hash {result.fingerprint}")
-    save_previews(result, settings, folder)
+    save_previews(result, settings, folder, args.preview_with)
     return 0

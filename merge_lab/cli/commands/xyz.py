@@ -46,7 +46,7 @@ def run(args) -> int:
     settings = settings_from_args(args)
     recipe = recipe_from_args(args)
     result = run_xyz(recipe, settings, args.out_dir, **axes, progress=not args.no_progress,
-                     min_cell=args.min_cell)
+                     min_cell=args.min_cell, components=args.preview_with)
     print(f"{len(result.cells)} cells, {result.merges} merge(s), {result.cache_hits} cache hit(s), "
           f"{result.seconds:.1f} s")
     for grid in result.grids:
