@@ -41,15 +41,28 @@ def slider_columns() -> tuple[list[str], list[str], list[str]]:
     columns: tuple[list[str], list[str], list[str]] = ([], [], [])
     for spec in archs.specs():
         for column, blocks in zip(columns, spec.columns):
-            column += [b for b in blocks if b not in column]
+            _merge_in_order(column, blocks)
     return columns
 
 
+def _merge_in_order(out: list[str], blocks) -> None:
+    """Add `blocks` to `out` keeping each architecture's own order: a new block goes right after the block
+    before it (SD3.5 Large's JB24..JB37 after SD3 Medium's JB23, not after FINAL)."""
+    at = None
+    for block in blocks:
+        if block in out:
+            at = out.index(block)
+            continue
+        at = len(out) if at is None else at + 1
+        out.insert(at, block)
+
+
 def slider_blocks() -> list[str]:
-    """Every block that has a slider, in the registry's order of main blocks (SD1's 26 first)."""
+    """Every block that has a slider, in the registry's order of main blocks (SD1's 26 first), each
+    architecture's blocks in its own order."""
     out: list[str] = []
     for spec in archs.specs():
-        out += [b for b in spec.main_blocks if b not in out]
+        _merge_in_order(out, spec.main_blocks)
     return out
 
 

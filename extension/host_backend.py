@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from merge_lab import archs
 from merge_lab.engine import MergePlan, Recipe, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.errors import RecipeError
 
@@ -235,6 +236,7 @@ class HostBackend(Backend):
         """
         plan = prepare(recipe)
         try:
+            self._check_host_loads(plan)
             fingerprint = plan.fingerprint
             if self.loaded_fingerprint() == fingerprint:
                 info = self.virtual[fingerprint]
@@ -272,6 +274,16 @@ class HostBackend(Backend):
             raise HostLoadError(f"the web UI could not load the merged weights: {type(e).__name__}: "
                                 f"{' '.join(line.strip() for line in first)[:300]}") from None
         return info
+
+    def _check_host_loads(self, plan: MergePlan) -> None:
+        """AUTOMATIC1111 1.10 and reForge build LDM UNets only (their sd_models_config picks an SD1 / SD2 / SDXL
+        config): a Flux / Chroma / SD3 merge is refused before any merging. Forge takes the merged file through
+        its own loader (forge_loader recognises Flux.1), which reports what it does not recognise."""
+        spec = archs.get(plan.arch.arch)
+        if spec.family and not self.forge:
+            raise HostLoadError(f"this web UI cannot load {spec.title} models (its loader builds SD1.x / SD2.x / "
+                                "SDXL only): save the merge (Merge) and load it in Forge or ComfyUI, or preview it "
+                                "with `merge-lab ui`")
 
     def _virtual_filename(self, plan: MergePlan) -> str:
         # Unique per recipe and never an existing file: reusing a real model's filename would make the host

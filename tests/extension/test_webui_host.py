@@ -223,3 +223,40 @@ def test_api_merge_without_alpha_uses_the_methods_default(webui):
     assert m.shared.sd_model.digest == expected_digest(expected) == digest_of(default)
     backend, _ = tab_of(webui)
     assert backend.xyz_recipe.alpha is None and backend.xyz_recipe.effective_alpha() == 1.0
+
+
+def test_flux_merges_load_only_where_the_host_loads_flux(tmp_path, sd1_family, monkeypatch):
+    """AUTOMATIC1111 and reForge build LDM UNets only: a Flux merge is refused in one line before merging.
+    Forge loads the merged file through its own loader (forge_loader), as it loads Flux downloads."""
+    import torch
+    from safetensors.torch import save_file
+
+    from merge_lab import archs
+    from merge_lab.demo.models import base_state_dict, finetune_state_dict
+    from merge_lab.engine import Recipe
+    from merge_lab_extension.backend import HostLoadError, PreviewSettings
+
+    base = base_state_dict(archs.layout_for("flux-schnell", width=8, vocab=64), 0, torch.float16)
+    flux_files = []
+    for i in (1, 2):
+        path = tmp_path / f"flux-{i}.safetensors"
+        save_file(finetune_state_dict(base, i, 0), str(path))
+        flux_files.append(path)
+    for flavour in FLAVOURS:
+        ui = start_webui(tmp_path / flavour, flavour, [sd1_family[0], *flux_files], monkeypatch)
+        try:
+            backend, _ = tab_of(ui)
+            recipe = Recipe(models=[str(ui.models_dir / p.name) for p in flux_files], alpha=0.5)
+            if flavour == "forge":
+                backend.preview(recipe, PreviewSettings(prompt="a cat", seed=1, steps=2))
+                loaded = [e for e in ui.modules.sd_models.events if e[0] == "load_file" and "merged-" in e[1]]
+                assert len(loaded) == 1 and backend.stats["merges"] == 1
+                assert ui.modules.shared.sd_model.digest == expected_digest(recipe)
+            else:
+                with pytest.raises(HostLoadError) as err:
+                    backend.preview(recipe, PreviewSettings(prompt="a cat", seed=1, steps=2))
+                message = str(err.value)
+                assert "Flux.1 schnell" in message and "Forge" in message and "\n" not in message
+                assert backend.stats["merges"] == 0
+        finally:
+            stop_webui()
