@@ -172,12 +172,14 @@ def tiny_parts(width: int, vocab: int) -> tuple[int, CLIPConfig, T5Config, VAECo
     """(hidden, CLIP-L, T5, VAE) of a tiny Flux-family file: widths shrink, every count stays, and so do the
     sizes the model fixes (the 64 packed latent channels, the 256-wide timestep embedding)."""
     clip = CLIPConfig(CLIP_PREFIX, hidden=width, intermediate=2 * width, vocab=vocab, heads=4, position_ids=False,
-                      text_projection=True)
+                      text_projection=False)
     t5 = T5Config(T5_PREFIX, d_model=2 * width, d_kv=width // 2, heads=4, d_ff=4 * width, vocab=tiny_t5_vocab(vocab))
     return 2 * width, clip, t5, VAEConfig(ch=width, z_channels=16, quant_conv=False)
 
 
-REAL_CLIP = CLIPConfig(CLIP_PREFIX, position_ids=False, text_projection=True)
+# ComfyUI's all-in-one Flux files carry CLIP-L's text model only (196 keys, no text_projection; sd-mecha's
+# flux-flux.yaml, read off a real file, agrees) and T5's encoder without embed_tokens (219 keys).
+REAL_CLIP = CLIPConfig(CLIP_PREFIX, position_ids=False)
 REAL_T5 = T5Config(T5_PREFIX)
 REAL_VAE = VAEConfig(z_channels=16, quant_conv=False)  # no quant convs
 
@@ -188,7 +190,7 @@ def flux_layout(arch: str, guidance: bool):
             hidden, clip, t5, vae = tiny_parts(width, vocab)
             cfg = FluxConfig(hidden=hidden, heads=2, context_dim=t5.d_model, vec_dim=clip.hidden, guidance=guidance)
             return FluxLayout(arch, cfg, vae, clip, t5)
-        clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False, text_projection=True)
+        clip = CLIPConfig(CLIP_PREFIX, vocab=vocab, position_ids=False)
         return FluxLayout(arch, FluxConfig(guidance=guidance), REAL_VAE, clip, REAL_T5)
 
     return layout
@@ -265,8 +267,12 @@ KEY_ALIASES = {m: PREFIX + m for m in FLUX_MODULES}
 
 # Kept as they are, never merged: CLIP's position ids, a text encoder's logit scale (ComfyUI's text-encoder
 # wrappers carry one), wherever a file has them.
+# ComfyUI's "save checkpoint" also writes its sampling schedule (model.model_sampling.sigmas): a buffer,
+# copied from model A, dropped by --prune, as the LDM files' DDPM buffers.
+MODEL_SAMPLING = ("model.model_sampling.sigmas",)
 NEVER_MERGED = dict(never_merged_suffixes=("position_ids", "logit_scale"),
-                    kept_keys=("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale"))
+                    kept_keys=("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale"),
+                    leftover_keys=MODEL_SAMPLING)
 
 # The released pipelines (black-forest-labs/FLUX.1-dev and -schnell model_index / scheduler / vae configs):
 # the 16-channel VAE's scale and shift, dev's resolution-dependent timestep shift and 512-token prompts,

@@ -176,14 +176,15 @@ def _layout_fn(name: str, real: MMDiTConfig):
                 CLIPConfig(CLIP_G_PREFIX, hidden=2 * width, layers=32, intermediate=4 * width, vocab=vocab,
                            heads=2, position_ids=False, text_projection=True, hidden_act="gelu"),
                 T5Config(T5_PREFIX, d_model=4 * width, heads=2, d_kv=width, d_ff=3 * width,
-                         vocab=32128 if vocab == 49408 else 128, embed_tokens=True),
+                         vocab=32128 if vocab == 49408 else 128),
             ))
         return SD3Layout(name, real, VAEConfig(z_channels=16, quant_conv=False), (
             CLIPConfig(CLIP_L_PREFIX, hidden=768, intermediate=3072, vocab=vocab, heads=12, position_ids=False,
                        text_projection=True),
             CLIPConfig(CLIP_G_PREFIX, hidden=1280, layers=32, intermediate=5120, vocab=vocab, heads=20,
                        position_ids=False, text_projection=True, hidden_act="gelu"),
-            T5Config(T5_PREFIX, embed_tokens=True),
+            # 219 keys, without embed_tokens, as in ComfyUI's / Stability's files (sd-mecha's sd3-comfyui.yaml).
+            T5Config(T5_PREFIX),
         ))
 
     return layout
@@ -245,6 +246,10 @@ def block_prefixes(depth: int) -> tuple[tuple[str, str], ...]:
 
 
 EXTRA_BLOCKS = {"CLIP_L": "CTX_EMB", "CLIP_G": "CTX_EMB", "T5": "CTX_EMB", "VAE": "X_EMB"}
+# A bare MMDiT (sd3-ref's / mmditx.py names without model.diffusion_model., as some transformer-only files are
+# saved) is read under the prefix, as for Flux (merge_lab/archs/flux.py): one record takes both forms.
+MMDIT_MODULES = ("joint_blocks.", "x_embedder.", "pos_embed", "t_embedder.", "y_embedder.", "context_embedder.",
+                 "final_layer.")
 
 
 def _spec(name: str, title: str, short: str, modelspec: str, cfg: MMDiTConfig) -> ArchSpec:
@@ -264,9 +269,12 @@ def _spec(name: str, title: str, short: str, modelspec: str, cfg: MMDiTConfig) -
         family="sd3",
         extra_blocks=EXTRA_BLOCKS,
         slider_columns=(mains[5:-1], mains[:5], ("FINAL",)),
+        key_aliases={m: PREFIX + m for m in MMDIT_MODULES},
         never_merged_suffixes=("position_ids", "logit_scale"),
         # ComfyUI's text-encoder wrappers save a logit_scale beside each encoder (outside .transformer.)
         kept_keys=tuple(f"text_encoders.{n}.logit_scale" for n in ("clip_l", "clip_g", "t5xxl")),
+        # ComfyUI's saved sampling schedule: a buffer, copied, dropped by --prune
+        leftover_keys=("model.model_sampling.sigmas",),
         describe_unmatched=describe_unmatched,
         preset_table="presets-sd35-large.tsv" if cfg.depth == 38 else "presets-sd3-medium.tsv",
         preview=preview_support(name, title),

@@ -212,9 +212,12 @@ def convert_flow_state_dict(state_dict: Mapping[str, torch.Tensor], layout, conf
                                         dict(configs["vae/config.json"]))
     out = {"transformer": transformer, "vae": vae}
     ignored = set(ignored_keys(layout))
-    for name, te in zip(text_encoder_names(layout), layout.text_encoders):
+    for name, te, with_projection in zip(text_encoder_names(layout), layout.text_encoders,
+                                         support.text_encoder_projection):
         own = {k[len(te.prefix):]: v for k, v in state_dict.items() if k.startswith(te.prefix) and k not in ignored}
         module = (modules or {}).get(name)
+        if isinstance(te, CLIPConfig) and not with_projection:
+            own.pop("text_projection.weight", None)  # a CLIP-L file that keeps its projection (Flux: pooled output)
         if isinstance(te, T5Config):
             if "encoder.embed_tokens.weight" not in own:  # tied to shared: ComfyUI's files save only shared
                 own["encoder.embed_tokens.weight"] = own["shared.weight"]

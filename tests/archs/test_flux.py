@@ -88,8 +88,8 @@ def test_real_sizes_are_the_published_ones(flux_archs):
         params = sum(torch.Size(s).numel() for s in transformer.values())
         counts[arch] = (len(transformer), round(params / 1e9, 2), len(layout.shapes()))
     # 780 keys / 11.9 B parameters (dev), schnell without guidance_in's 4, Chroma 8.9 B
-    assert counts["flux-dev"] == (780, 11.9, 780 + 197 + 219 + 244)
-    assert counts["flux-schnell"] == (776, 11.89, 776 + 197 + 219 + 244)
+    assert counts["flux-dev"] == (780, 11.9, 780 + 196 + 219 + 244)
+    assert counts["flux-schnell"] == (776, 11.89, 776 + 196 + 219 + 244)
     assert counts["chroma"][1] == 8.9 and counts["chroma"][2] == counts["chroma"][0] + 219 + 244
     shapes = archs.layout_for("flux-dev").shapes()
     assert shapes[f"{P}img_in.weight"] == (3072, 64) and shapes[f"{P}txt_in.weight"] == (3072, 4096)

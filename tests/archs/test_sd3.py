@@ -83,9 +83,9 @@ def test_real_layout_matches_the_sources(arch):
     counts = {pre: sum(k.startswith(pre) for k in shapes) for pre in
               ("first_stage_model.", CLIP_L, CLIP_G, T5)}
     # 16-channel VAE without quant convs (244, as Forge counts Flux's ae too); CLIP-L/G with text_projection;
-    # T5-XXL as transformers saves T5EncoderModel (220)
-    assert list(counts.values()) == [244, 197, 517, 220]
-    assert round(sum(prod(shapes[k]) for k in shapes if k.startswith(T5)) / 1e9, 2) == 4.89
+    # T5-XXL without embed_tokens (219), as ComfyUI / Stability save it (tests/archs/test_key_sets_of_real_files.py)
+    assert list(counts.values()) == [244, 197, 517, 219]
+    assert round(sum(prod(shapes[k]) for k in shapes if k.startswith(T5)) / 1e9, 2) == 4.76
     cfg = archs.get(arch).layout().mmdit
     h = shapes[f"{P}x_embedder.proj.weight"]
     assert h == (cfg.width, 16, 2, 2) and h[0] // 64 == cfg.depth  # ComfyUI: depth = rows / 64
@@ -224,3 +224,50 @@ def test_presets_in_comfyuis_order(arch, tmp_path):
     merged = load_file(str(out))
     joint, embed = f"{P}joint_blocks.2.x_block.mlp.fc1.weight", f"{P}x_embedder.proj.weight"
     assert torch.equal(merged[joint], sb[joint]) and torch.equal(merged[embed], sa[embed])
+
+
+def test_comfyuis_extra_keys_are_kept_and_pruned_by_name(tmp_path):
+    """ComfyUI's SD3 checkpoints also hold each text encoder's logit_scale and the sampling schedule
+    (model.model_sampling.sigmas): copied from model A, never merged; --prune drops the schedule."""
+    from safetensors.torch import load_file, save_file
+
+    from merge_lab.engine import Recipe, merge_to_file
+
+    paths = []
+    for seed in (1, 2):
+        state = _state("sd3-medium", seed=seed)
+        state["model.model_sampling.sigmas"] = torch.linspace(0, 1, 1000) * seed
+        for name in ("clip_l", "clip_g", "t5xxl"):
+            state[f"text_encoders.{name}.logit_scale"] = torch.tensor(4.6 * seed)
+        paths.append(tmp_path / f"{seed}.safetensors")
+        save_file(state, str(paths[-1]))
+    out = tmp_path / "m.safetensors"
+    merge_to_file(Recipe(models=[str(p) for p in paths], alpha=0.5, out=str(out)))
+    merged, a = load_file(str(out)), load_file(str(paths[0]))
+    assert torch.equal(merged["model.model_sampling.sigmas"], a["model.model_sampling.sigmas"])
+    assert torch.equal(merged["text_encoders.t5xxl.logit_scale"], a["text_encoders.t5xxl.logit_scale"])
+    pruned = tmp_path / "p.safetensors"
+    merge_to_file(Recipe(models=[str(p) for p in paths], alpha=0.5, out=str(pruned), prune=True))
+    assert "model.model_sampling.sigmas" not in load_file(str(pruned))
+
+
+def test_a_bare_transformer_file_is_read_under_the_prefix(tmp_path):
+    """A transformer-only SD3.5 Large saved without model.diffusion_model. merges key by key with a prefixed one."""
+    from safetensors.torch import load_file, save_file
+
+    from merge_lab.engine import Recipe, merge_to_file
+    from merge_lab.io.checkpoints import read_header_any
+
+    a = _state("sd35-large", "transformer", seed=1)
+    b = _state("sd35-large", "transformer", seed=2)
+    save_file({k[len(P):]: v for k, v in a.items()}, str(tmp_path / "bare.safetensors"))
+    save_file(b, str(tmp_path / "prefixed.safetensors"))
+    header = read_header_any(tmp_path / "bare.safetensors", archs.current_key_name)
+    assert detect(header.tensors).arch == "sd35-large"
+    out = tmp_path / "m.safetensors"
+    merge_to_file(Recipe(models=[str(tmp_path / "bare.safetensors"), str(tmp_path / "prefixed.safetensors")],
+                         alpha=0.5, out=str(out)))
+    merged = load_file(str(out))
+    assert set(merged) == set(a)
+    key = f"{P}pos_embed"
+    assert torch.allclose(merged[key].float(), (a[key] + b[key]) / 2, atol=1e-3)

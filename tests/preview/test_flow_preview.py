@@ -206,8 +206,10 @@ def _component_files(state, folder):
     t5xxl files (HF names, no prefix) and BFL's ae.safetensors (LDM names, no prefix)."""
     parts = {
         "flux1-dev.safetensors": {k[len(P):]: v for k, v in state.items() if k.startswith(P)},
-        "clip_l.safetensors": {k[len("text_encoders.clip_l.transformer."):]: v for k, v in state.items()
-                               if k.startswith("text_encoders.clip_l.transformer.")},
+        # ComfyUI's clip_l.safetensors keeps the projection and logit scale Flux does not use
+        "clip_l.safetensors": {**{k[len("text_encoders.clip_l.transformer."):]: v for k, v in state.items()
+                                  if k.startswith("text_encoders.clip_l.transformer.")},
+                               "text_projection.weight": torch.eye(WIDTH), "logit_scale": torch.tensor(4.6)},
         "t5xxl_fp16.safetensors": {k[len("text_encoders.t5xxl.transformer."):]: v.half() for k, v in state.items()
                                    if k.startswith("text_encoders.t5xxl.transformer.")},
         "ae.safetensors": {k[len("vae."):]: v for k, v in state.items() if k.startswith("vae.")},
