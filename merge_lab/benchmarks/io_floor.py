@@ -2,8 +2,10 @@
 
 Every measured run is a separate process (so its peak RSS is its own), the variants alternate within each
 repetition (so page-cache and thermal drift hit all of them alike), and we report the median and the
-spread. The checkpoints have the real SD1.5 / SDXL key sets and shapes, random values; the fine-tunes are
-base + a shared direction + their own noise, made once into a cache folder, streamed key by key.
+spread. The checkpoints have the real SD1.5 / SDXL / Flux.1-dev key sets and shapes, random values; the
+fine-tunes are base + a shared direction + their own noise, made once into a cache folder, streamed key by key.
+SD1.5 and SDXL are fp16 all-in-one files; Flux is a transformer-only fp8 file as the common downloads are
+(bare BFL names, 2-D weights F8_E4M3, biases and norm scales BF16: 11.9 GB).
 """
 
 from __future__ import annotations
@@ -22,10 +24,42 @@ import torch
 
 from merge_lab.archs import layout_for
 from merge_lab.io.hashing import cache_dir
+from merge_lab.io.header import DTYPES, ITEMSIZE
 from merge_lab.io.reader import SafetensorsReader
 from merge_lab.io.writer import OutputEntry, SafetensorsWriter
 
-ARCHS = {"sd15": "sd1", "sdxl": "sdxl"}
+
+@dataclass(frozen=True)
+class BenchArch:
+    arch: str  # registry name
+    transformer_only: bool = False  # the transformer alone, under bare names (as BFL and fp8 re-uploads ship it)
+    fp8: bool = False  # 2-D+ weights F8_E4M3, the rest BF16 (else every float key F16)
+
+    @property
+    def spread(self) -> float:
+        # fp8 e4m3 keeps 3 mantissa bits (≈ 6 % steps): a 5 % change would mostly round back to the base
+        return 0.25 if self.fp8 else 0.05
+
+
+ARCHS = {"sd15": BenchArch("sd1"), "sdxl": BenchArch("sdxl"),
+         "flux": BenchArch("flux-dev", transformer_only=True, fp8=True)}
+
+
+def bench_shapes(arch: str, width: int | None = None) -> dict[str, tuple[int, ...]]:
+    spec = ARCHS[arch]
+    layout = layout_for(spec.arch, width=width)
+    if not spec.transformer_only:
+        return layout.shapes()
+    prefix = "model.diffusion_model."
+    return {k.removeprefix(prefix): s for k, s in layout.transformer_shapes().items()}
+
+
+def bench_dtype(arch: str, key: str, shape: tuple[int, ...]) -> str:
+    if key.endswith("position_ids"):
+        return "I64"
+    if ARCHS[arch].fp8:
+        return "F8_E4M3" if len(shape) >= 2 else "BF16"
+    return "F16"
 
 
 def bench_dir() -> Path:
@@ -44,31 +78,41 @@ def _value(key: str, shape: tuple[int, ...], role: str, seed: int, dtype: torch.
     return torch.randn(shape, generator=g) / math.sqrt(fan_in)
 
 
+def checkpoint_paths(arch: str, n_models: int, folder: Path | None = None, width: int | None = None) -> list[Path]:
+    """Where the base and the n fine-tunes are kept (base first)."""
+    folder = Path(folder or bench_dir()) / (arch if width is None else f"{arch}-w{width}")
+    return [folder / f"{arch}-{n}.safetensors" for n in ["base", *(f"ft{i}" for i in range(1, n_models + 1))]]
+
+
+def model_bytes(arch: str, width: int | None = None) -> int:
+    return sum(math.prod(s) * ITEMSIZE[bench_dtype(arch, k, s)] for k, s in bench_shapes(arch, width).items())
+
+
 def ensure_checkpoints(arch: str, n_models: int, folder: Path | None = None, *, verbose: bool = True,
                        width: int | None = None) -> tuple[Path, list[Path]]:
-    """base + n fine-tunes (fp16) of full size, or of base width `width`, made once into `folder`, reused."""
-    folder = Path(folder or bench_dir()) / (arch if width is None else f"{arch}-w{width}")
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = layout_for(ARCHS[arch], width=width).shapes()
+    """base + n fine-tunes of full size, or of base width `width`, made once into `folder`, reused."""
+    paths = checkpoint_paths(arch, n_models, folder, width)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    shapes = bench_shapes(arch, width)
+    dtypes = {k: bench_dtype(arch, k, s) for k, s in shapes.items()}
+    spread = ARCHS[arch].spread
     names = ["base", *(f"ft{i}" for i in range(1, n_models + 1))]
-    paths = [folder / f"{arch}-{n}.safetensors" for n in names]
     for index, (name, path) in enumerate(zip(names, paths)):
         if path.exists():
             continue
         if verbose:
             print(f"generating {path} ...", file=sys.stderr, flush=True)
-        entries = [OutputEntry(k, "I64" if k.endswith("position_ids") else "F16", s) for k, s in shapes.items()]
+        entries = [OutputEntry(k, dtypes[k], s) for k, s in shapes.items()]
         with SafetensorsWriter(path, entries, {"format": "pt", "merge_lab.bench": name}, overwrite=True) as w:
             for key, shape in shapes.items():
                 base = _value(key, shape, "base", 0, torch.float32)
                 if index and base.is_floating_point() and base.numel() > 1:
-                    # base + 5% of its spread along a shared direction and the model's own noise (the three
-                    # are drawn with the same spread)
-                    scale = 0.05
+                    # base + 5 % (fp8: 25 %) of its spread along a shared direction and the model's own noise
+                    # (the three are drawn with the same spread)
                     shared = _value(key, shape, "shared", 0, torch.float32)
                     own = _value(key, shape, f"own{index}", 0, torch.float32)
-                    base = base + scale * (0.6 * shared + 0.8 * own)
-                w.write(key, base if not base.is_floating_point() else base.half())
+                    base = base + spread * (0.6 * shared + 0.8 * own)
+                w.write(key, base if not base.is_floating_point() else base.to(DTYPES[dtypes[key]]))
             w.finish()
     return paths[0], paths[1:]
 

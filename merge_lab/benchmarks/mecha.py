@@ -32,11 +32,20 @@ def build_recipe(spec: dict):
     raise ValueError(f"no sd-mecha equivalent for {method}")
 
 
+def output_dtype(path: str) -> torch.dtype:
+    """The dtype of the first model's largest tensor (sd-mecha writes one dtype for every key; ours keeps
+    each key's): F16 for the SD bench files, F8_E4M3 for the Flux ones."""
+    from merge_lab.io.header import read_header
+
+    largest = max(read_header(path).tensors.values(), key=lambda t: t.nbytes)
+    return largest.torch_dtype
+
+
 def run_mecha(spec: dict, out: str) -> None:
     import sd_mecha
 
     sd_mecha.merge(build_recipe(spec), output=out, merge_device=spec.get("device", "cpu"),
-                   output_dtype=torch.float16, tqdm=_no_tqdm)
+                   output_dtype=output_dtype(spec["models"][0]), tqdm=_no_tqdm)
 
 
 def _no_tqdm(iterable=None, *args, **kwargs):

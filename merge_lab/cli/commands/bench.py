@@ -12,14 +12,21 @@ from merge_lab.benchmarks.io_floor import BenchResult, Run, bench_dir, ensure_ch
 from merge_lab.cli.tables import format_table
 
 DEFAULT_METHODS = ["weighted_sum", "model_stock", "ties_soup", "tsd"]
+# Flux files are 11.9 GB each: weighted sum of two and Model Stock of base + 2 (issue 19's recipe)
+ARCH_DEFAULTS = {"flux": {"methods": "weighted_sum,model_stock", "models": 2, "reps": 2}}
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark: I/O floor vs ours vs sd-mecha on full-size synthetic models")
-    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
-    p.add_argument("--models", type=int, default=3, help="fine-tunes for the base + N methods (default 3)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
-    p.add_argument("--reps", type=int, default=3, help="repetitions (variants alternate within each)")
+    p.add_argument("--arch", choices=["sd15", "sdxl", "flux"], default="sd15")
+    p.add_argument("--models", type=int, default=None, help="fine-tunes for the base + N methods (default 3; "
+                                                             "flux: 2)")
+    p.add_argument("--methods", default=None, help="comma-separated (default: " + ",".join(DEFAULT_METHODS)
+                                                   + "; flux: weighted_sum,model_stock)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions, variants alternating within each "
+                                                          "(default 3; flux: 2)")
+    p.add_argument("--width", type=int, default=None, help="base width of the synthetic models (default: full "
+                                                           "size; small widths are for trying the bench out)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="our worker threads")
     p.add_argument("--no-mecha", action="store_true", help="skip sd-mecha")
@@ -107,13 +114,42 @@ def run_many(args) -> int:
     return 0 if all(r["ok"] for r in records) else 1
 
 
+def _apply_arch_defaults(args) -> None:
+    defaults = {"methods": ",".join(DEFAULT_METHODS), "models": 3, "reps": 3, **ARCH_DEFAULTS.get(args.arch, {})}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _check_free_disk(folder: Path | None, arch: str, n_models: int, width: int | None) -> None:
+    """Say how much the checkpoints and one output need, against what the disk has, before writing any."""
+    import shutil
+
+    from merge_lab.benchmarks.io_floor import checkpoint_paths, model_bytes
+
+    paths = checkpoint_paths(arch, n_models, folder, width)
+    size = model_bytes(arch, width)
+    missing = sum(1 for p in paths if not p.exists())
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(paths[0].parent).free
+    need = (missing + 1) * size  # the missing checkpoints and one output at a time
+    print(f"bench {arch}: {size / 1e9:.2f} GB per model, {missing} of {len(paths)} to generate; needs "
+          f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free in {paths[0].parent}", file=sys.stderr, flush=True)
+    if need > free:
+        raise SystemExit(f"merge-lab bench: not enough free disk in {paths[0].parent}: needs {need / 1e9:.1f} GB, "
+                         f"{free / 1e9:.1f} GB free (--dir elsewhere)")
+
+
 def run(args) -> int:
+    _apply_arch_defaults(args)
     if args.many:
         return run_many(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rss_counts = [int(x) for x in args.rss_models.split(",") if x.strip()]
     need = max([args.models, 2, *rss_counts])
-    base, fts = ensure_checkpoints(args.arch, need, Path(args.dir) if args.dir else None)
+    folder = Path(args.dir) if args.dir else None
+    _check_free_disk(folder, args.arch, need, args.width)
+    base, fts = ensure_checkpoints(args.arch, need, folder, width=args.width)
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="out-", dir=base.parent))
     out_dir.mkdir(parents=True, exist_ok=True)
     # Our input hashes are cached like the web UI's: warm the cache once, report its cold cost separately.
