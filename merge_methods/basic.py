@@ -40,6 +40,19 @@ def weighted_sum(models, base, ratio, ctx: KeyContext):
 
 
 @merge_method(
+    "passthrough",
+    default_ratio=1.0,
+    summary="model A as it is: one-model jobs (bake LoRAs, cast the dtype, prune)",
+    min_models=1,
+    max_models=1,
+    takes_weights=False,
+    copies_first=True,
+)
+def passthrough(models, base, ratio, ctx: KeyContext):
+    return models[0]
+
+
+@merge_method(
     "add_difference",
     summary="A + α·(B − C): models A B C, or A B with --base C",
     base="optional",

@@ -206,6 +206,8 @@ class MergeMethod:
     # Checks that need both the params and the number of models: check(params, n_models), ValueError if bad.
     check: Callable[[Mapping[str, Any], int], None] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # True when the result is model A's tensor unchanged: the engine copies A's bytes instead of computing.
+    copies_first: bool = False
     # The optional engine hooks (see the classes above).
     chunking: Chunking = Chunking()
     statistics: Statistics = Statistics()

@@ -7,6 +7,7 @@ import argparse
 
 from merge_lab.engine.recipe import (
     DTYPE_CHOICES,
+    LORA_UNMATCHED_CHOICES,
     MISSING_CHOICES,
     NONFINITE_CHOICES,
     PRECISION_CHOICES,
@@ -53,8 +54,42 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
                                                                "or copy it from the first model that has it")
     p.add_argument("--nonfinite", choices=NONFINITE_CHOICES, help="NaN/inf in an input: error (default), "
                                                                    "replace by the first model's value, or by 0")
+    add_lora_arguments(p)
     if include_out:
         p.add_argument("--out", help="output .safetensors file")
+
+
+def add_lora_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_argument_group("LoRAs baked into the result (in the same pass)")
+    g.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]", required=required,
+                   help="a LoRA / LyCORIS file and its strength (default 1); repeatable, applied in order")
+    g.add_argument("--lora-blocks", dest="lora_blocks", action="append", metavar="SPEC",
+                   help="block weights of the LoRAs: our 26 / 20 / 61-value strings, the LoRA Block Weight "
+                        "extension's 17 (SD1/SD2) / 12 (SDXL)-value strings, or a preset name (theirs: ALL, "
+                        "INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, NONE, ALL0.5); one for every LoRA, or one "
+                        "per --lora in order")
+    g.add_argument("--lora-unmatched", dest="lora_unmatched", choices=LORA_UNMATCHED_CHOICES,
+                   help="a LoRA module that matches no layer of the model: error (default, listing them) or "
+                        "warn (bake the others)")
+
+
+def lora_entries(args: argparse.Namespace) -> list[dict]:
+    """--lora / --lora-blocks as recipe `loras` entries."""
+    from merge_lab.lora import LoraSpec
+
+    files = getattr(args, "lora", None) or []
+    blocks = getattr(args, "lora_blocks", None) or []
+    if blocks and len(blocks) not in (1, len(files)):
+        raise RecipeError(f"--lora-blocks given {len(blocks)} times for {len(files)} --lora: give one for all, "
+                          "or one per --lora")
+    entries = []
+    for i, text in enumerate(files):
+        spec = LoraSpec.parse(text)
+        entry = {"path": spec.path, "strength": spec.strength}
+        if blocks:
+            entry["blocks"] = blocks[0] if len(blocks) == 1 else blocks[i]
+        entries.append(entry)
+    return entries
 
 
 
@@ -72,6 +107,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         recipe.params = {**recipe.params, **dict(args.param)}
     if getattr(args, "weights", None):
         recipe.weights = [_float("weights", w) for w in args.weights.split(",") if w.strip()]
+    if getattr(args, "lora", None):
+        recipe.loras = [*recipe.loras, *lora_entries(args)]
+    elif getattr(args, "lora_blocks", None):
+        raise RecipeError("--lora-blocks without --lora")
+    if getattr(args, "lora_unmatched", None):
+        recipe.lora_unmatched = args.lora_unmatched
     return recipe
 
 

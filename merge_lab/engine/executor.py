@@ -245,6 +245,11 @@ class Executor(Loader):
     def _compute(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
         merged = self._compute_unit(unit, key_statistics)
         task = unit.task
+        loras = self.plan.loras
+        if loras is not None and task.key in loras.patches:
+            # the LoRAs on the result as written (merge, then bake: the same bytes as the two steps)
+            out_dtype = DTYPES[task.out_dtype]
+            return self._check_result(to_output_dtype(loras.apply(task.key, merged, unit.rows), out_dtype), task)
         if task.channels is None:
             return merged
         # A's other input channels, as they are but for the output dtype, around the merged latent ones
@@ -377,7 +382,7 @@ def merge_to_file(recipe: Recipe, *, progress: ProgressFn | None = None, cancel:
         raise CheckpointError(EXISTS_MESSAGE, path=recipe.out)
     start = time.perf_counter()
     own_plan = plan is None
-    plan = plan or prepare(recipe)
+    plan = plan or prepare(recipe, notify=notify)
     try:
         out = Path(recipe.out)
         check_output_path(out, [inp.path for inp in plan.inputs])  # also when the plan came from elsewhere

@@ -57,6 +57,11 @@ def fingerprint(plan: MergePlan) -> str:
         "missing": r.missing,
         "nonfinite": r.nonfinite,
     }
+    if plan.loras is not None:  # by content when hashed; the strengths and block weights as applied
+        data["loras"] = [{"file": sha or os.path.realpath(spec.path), "strength": spec.strength,
+                          "blocks": spec.blocks}
+                         for spec, sha in zip(plan.loras.specs, plan.loras.hashes or [None] * len(plan.loras.specs))]
+        data["lora_unmatched"] = r.lora_unmatched
     import hashlib
 
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -77,6 +82,12 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
             with contextlib.suppress(ValueError):
                 entry["sd_merge_recipe"] = json.loads(own)
         models[sha] = entry
+    if plan.loras is not None:
+        for spec, f, sha in zip(plan.loras.specs, plan.loras.files, plan.loras.hashes):
+            entry = {"name": os.path.basename(spec.path), "type": "lora", "strength": spec.strength}
+            if f.metadata.get("ss_output_name"):
+                entry["ss_output_name"] = f.metadata["ss_output_name"]
+            models.setdefault(sha, entry)
     meta = {
         "format": "pt",
         "sd_merge_recipe": json.dumps(plan.recipe_record()),
@@ -86,7 +97,8 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
                                                                      else ""),
         "modelspec.title": title,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "modelspec.description": f"Merged by Merge Lab {__version__}: {plan.method.name}",
+        "modelspec.description": f"Merged by Merge Lab {__version__}: {plan.method.name}"
+                                  + (f" + {len(plan.loras.specs)} LoRA(s)" if plan.loras is not None else ""),
         "merge_lab.version": __version__,
     }
     if "v-prediction" in plan.arch.variants:

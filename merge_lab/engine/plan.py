@@ -87,6 +87,7 @@ class MergePlan:
     budget: int
     hashes: dict[str, str] = field(default_factory=dict)  # input path -> sha256
     fingerprint: str = ""
+    loras: Any = None  # merge_lab.lora.LoraPlan: LoRAs baked into the result, or None
 
     @property
     def inputs(self) -> list[Input]:
@@ -95,6 +96,8 @@ class MergePlan:
     def close(self) -> None:
         for inp in self.inputs:
             inp.reader.close()
+        if self.loras is not None:
+            self.loras.close()
 
     def __enter__(self):
         return self
@@ -126,6 +129,7 @@ class MergePlan:
             "precision": r.precision,
             "missing": r.missing,
             "nonfinite": r.nonfinite,
+            "loras": self.loras.records() if self.loras is not None else None,
             "recipe_hash": self.fingerprint,
         }
         return {k: v for k, v in record.items() if v is not None}
@@ -135,8 +139,9 @@ def _dtype_flag(dtype: str) -> str:
     return {v: k for k, v in DTYPE_FLAGS.items()}.get(dtype, dtype)
 
 
-def prepare(recipe: Recipe, *, hash_inputs: bool = True) -> MergePlan:
-    """Validate the recipe against the models' headers and plan every key. Reads no tensor data."""
+def prepare(recipe: Recipe, *, hash_inputs: bool = True, notify=None) -> MergePlan:
+    """Validate the recipe against the models' headers and plan every key. Reads no tensor data.
+    `notify` hears warnings (LoRA modules skipped under lora_unmatched=warn, LoRAs with no effect)."""
     recipe.validate()
     M = methods
     method = M.get_method(recipe.method)
@@ -174,6 +179,8 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True) -> MergePlan:
         plan = MergePlan(recipe, arch, inputs, base, method, params, ratios, [], out_dtype, compute_dtype,
                          device, threads, budget)
         plan.tasks = _plan_tasks(plan)
+        if recipe.loras:
+            _plan_loras(plan, hash_inputs, notify)
         if hash_inputs:
             plan.hashes = _hash_inputs(all_inputs)
         plan.fingerprint = fingerprint(plan)
@@ -181,7 +188,33 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True) -> MergePlan:
     except BaseException:
         for inp in [*inputs, *([base] if base else [])]:
             inp.reader.close()
+        if "plan" in locals() and plan.loras is not None:
+            plan.loras.close()
         raise
+
+
+def _plan_loras(plan: MergePlan, hash_files: bool, notify) -> None:
+    """The recipe's LoRAs onto the output's keys: each patched key must be a float key we write, and is
+    done in one unit (a DoRA norm is over whole columns, and ΔW of a whole layer has the same bits however
+    the key would be cut)."""
+    from merge_lab.lora import LoraSpec, plan_loras
+
+    r = plan.recipe
+    specs = [LoraSpec(e["path"], float(e.get("strength", 1.0)), e.get("blocks")) for e in r.loras]
+    tasks = {t.key: t for t in plan.tasks}
+    shapes = {k: t.out_shape for k, t in tasks.items()}
+    plan.loras = plan_loras(plan.arch.arch, shapes, specs, unmatched=r.lora_unmatched,
+                            model_path=plan.models[0].path, hash_files=hash_files, notify=notify)
+    for key in plan.loras.patches:
+        task = tasks[key]
+        if not task.out_dtype.startswith(("F", "BF")):
+            raise MergeLabError(f"a LoRA changes this key, whose dtype {task.out_dtype} is not floating point",
+                                path=plan.models[0].path, key=key)
+        if task.channels is not None:
+            raise MergeLabError("a LoRA changes the first convolution of an inpainting / instruct-pix2pix merge; "
+                                "bake it into the merged file in a second step", path=plan.models[0].path, key=key)
+        task.chunks = [None]
+        task.needs_stats = False
 
 
 def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
@@ -224,7 +257,7 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
             continue
         out_dtype = plan.out_dtype if plan.out_dtype != PER_KEY_DTYPE and info.is_float else info.dtype
         block = block_of(key, arch)
-        if role != "merge":
+        if role != "merge" or (plan.method.copies_first and info.is_float):
             tasks.append(KeyTask(key, info.shape, out_dtype, "copy", block, source=holders[0]))
             continue
         if not info.is_float:

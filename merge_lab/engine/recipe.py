@@ -25,6 +25,8 @@ from merge_lab.errors import RecipeError, show
 DTYPE_CHOICES = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2")
 PRECISION_CHOICES = ("float32", "float64")
 MISSING_CHOICES = ("error", "take-first")
+LORA_UNMATCHED_CHOICES = ("error", "warn")
+LORA_FIELDS = {"path", "strength", "blocks"}
 NONFINITE_CHOICES = ("error", "take-first", "zero")
 # Block ratios beyond this range are almost surely typos; scaling further is what λ parameters are for.
 RATIO_RANGE = (-1.0, 2.0)
@@ -52,6 +54,9 @@ class Recipe:
     missing: str = "error"
     nonfinite: str = "error"
     memory_budget: int | str | None = None
+    # LoRAs baked into the result in the same pass: [{path, strength, blocks}] (merge_lab.lora)
+    loras: list[dict[str, Any]] = field(default_factory=list)
+    lora_unmatched: str = "error"  # a LoRA module that matches no layer: "error" or "warn"
     out: str | None = None
 
     # ---- construction -------------------------------------------------------------------------------
@@ -76,6 +81,7 @@ class Recipe:
                 recipe.base = _relative_to(recipe.base, base_dir)
             if recipe.out:
                 recipe.out = _relative_to(recipe.out, base_dir)
+            recipe.loras = [{**entry, "path": _relative_to(entry["path"], base_dir)} for entry in recipe.loras]
         return recipe
 
     @classmethod
@@ -195,8 +201,15 @@ class Recipe:
         if self.threads is not None and (type(self.threads) is not int or not 1 <= self.threads <= 256):
             raise RecipeError(f"threads must be an integer from 1 to 256, got {show(self.threads)}")
         parse_size(self.memory_budget)
+        for entry in self.loras:
+            if not os.path.isfile(entry["path"]):
+                raise RecipeError("LoRA file not found", path=entry["path"])
+        if self.lora_unmatched not in LORA_UNMATCHED_CHOICES:
+            raise RecipeError(f"lora_unmatched must be one of {', '.join(LORA_UNMATCHED_CHOICES)}, got "
+                              f"{show(self.lora_unmatched)}")
         if self.out:
-            check_output_path(self.out, [*models, *([self.base] if self.base else [])])
+            inputs = [*models, *([self.base] if self.base else []), *(e["path"] for e in self.loras)]
+            check_output_path(self.out, inputs)
 
 
 def check_output_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
@@ -266,8 +279,17 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "nonfinite": ("one of " + ", ".join(NONFINITE_CHOICES), lambda v: v in NONFINITE_CHOICES),
     "memory_budget": ("a size like 2GB", lambda v: v is None or isinstance(v, str) or (
         type(v) is int and v > 0)),
+    "loras": ("a list of {path, strength, blocks}", lambda v: isinstance(v, list) and all(map(_lora_entry, v))),
+    "lora_unmatched": ("one of " + ", ".join(LORA_UNMATCHED_CHOICES), lambda v: v in LORA_UNMATCHED_CHOICES),
     "out": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
 }
+
+
+def _lora_entry(v) -> bool:
+    return (isinstance(v, Mapping) and set(v) <= LORA_FIELDS and isinstance(v.get("path"), str) and bool(v["path"])
+            and _finite_number(v.get("strength", 1.0)) and (v.get("blocks") is None or isinstance(v["blocks"], str)
+                                                             or (isinstance(v["blocks"], list)
+                                                                 and all(map(_finite_number, v["blocks"])))))
 
 
 def _check_types(data: Mapping[str, Any], source: str | None) -> None:

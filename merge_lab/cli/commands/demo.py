@@ -80,6 +80,7 @@ def run_demo(root: Path, *, archs=("sd1", "sdxl"), width: int = TINY_WIDTH, voca
             with TqdmProgress(Path(recipe.out).name, disable=not progress, leave=False) as bar:
                 result = merge_to_file(recipe, progress=bar, overwrite=True)  # the demo's own outputs
             rows.append((arch, label, result.out, result.autov2, f"{result.seconds:.2f}"))
+        rows.append(_demo_lora(arch, base, fts, models_dir, out_dir, progress))
         report = analyze([str(p) for p in fts], str(base))
         stem = analysis_dir / f"{arch}-theta"
         Path(f"{stem}.txt").write_text(format_report(report) + "\n", encoding="utf-8")
@@ -87,6 +88,19 @@ def run_demo(root: Path, *, archs=("sd1", "sdxl"), width: int = TINY_WIDTH, voca
         render_heatmap(report, f"{stem}.png")
         rows.append((arch, "θ per block (analyze)", f"{stem}.txt / .json / .png", "", f"{report.seconds:.2f}"))
     return rows
+
+
+def _demo_lora(arch: str, base: Path, fts: list[Path], models_dir: Path, out_dir: Path, progress: bool) -> tuple:
+    """A LoRA extracted from the second fine-tune (rank 4), baked into the first at 0.8 in a one-model recipe."""
+    from merge_lab.lora.tools import extract_lora
+
+    lora = models_dir / f"demo-{arch}-ft2-lora.safetensors"
+    extract_lora(str(fts[1]), str(base), str(lora), rank=4, conv_rank=4, overwrite=True, progress=False)
+    recipe = Recipe(models=[str(fts[0])], method="passthrough", loras=[{"path": str(lora), "strength": 0.8}],
+                    out=str(out_dir / f"{arch}-lora-bake.safetensors"))
+    with TqdmProgress(Path(recipe.out).name, disable=not progress, leave=False) as bar:
+        result = merge_to_file(recipe, progress=bar, overwrite=True)
+    return (arch, "passthrough + LoRA (ft2 − base, rank 4) at 0.8", result.out, result.autov2, f"{result.seconds:.2f}")
 
 
 def run(args) -> int:

@@ -11,6 +11,8 @@ def add_parser(sub):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models-dir", dest="models_dir", action="append", required=True, metavar="DIR",
                    help="folder of checkpoints to merge (repeatable); merges are saved into the first")
+    p.add_argument("--lora-dir", dest="lora_dir", action="append", metavar="DIR",
+                   help="folder of LoRAs to bake (repeatable; default: the model folders)")
     p.add_argument("--port", type=int, default=7870, help="port to serve on")
     p.add_argument("--listen", action="store_true",
                    help="accept connections from other machines (bind 0.0.0.0 instead of 127.0.0.1)")
@@ -20,5 +22,5 @@ def add_parser(sub):
 def run(args) -> int:
     from merge_lab_extension.standalone import serve
 
-    serve(args.models_dir, listen=args.listen, port=args.port, block=True)
+    serve(args.models_dir, listen=args.listen, port=args.port, block=True, lora_folders=args.lora_dir)
     return 0
