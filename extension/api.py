@@ -49,6 +49,8 @@ def recipe_from_body(body: Any, backend: Backend, *, for_merge: bool = True) -> 
         recipe.models = [backend.resolve_model(m) for m in recipe.models]
         if recipe.base:
             recipe.base = backend.resolve_model(recipe.base)
+        # LoRAs by name (or a path) inside the host's LoRA folder, as models are inside the model folders
+        recipe.loras = [{**e, "path": backend.resolve_lora(e["path"])} for e in recipe.loras]
         if recipe.out:
             if not for_merge:
                 raise ApiError(400, "request body: an analysis writes no file ('out')")

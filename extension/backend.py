@@ -109,6 +109,18 @@ class Backend:
     def output_path(self, name: str) -> str:
         raise NotImplementedError
 
+    def lora_folders(self) -> list[str]:
+        """Where the LoRAs a recipe names by name are looked up (the host's LoRA folder)."""
+        return []
+
+    def lora_names(self) -> list[str]:
+        return list(scan_folders(self.lora_folders()))
+
+    def resolve_lora(self, name: str) -> str:
+        """The LoRA file a user-given name means: a listed name, or a path inside the LoRA folders."""
+        folders = self.lora_folders()
+        return resolve_in_folders(name, folders, scan_folders(folders), what="LoRA")
+
     def after_save(self, path: str, sources: Sequence[str] = ()) -> None:
         """Called after a merge was written from `sources` (its input paths, first model first): the model's
         config goes beside it and the model list is refreshed."""
@@ -137,12 +149,18 @@ class Backend:
 class FolderBackend(Backend):
     """Models are the files inside the given folders; merges are saved into the first one."""
 
-    def __init__(self, folders: Sequence[str | os.PathLike], output_folder: str | os.PathLike | None = None):
+    def __init__(self, folders: Sequence[str | os.PathLike], output_folder: str | os.PathLike | None = None,
+                 lora_folders: Sequence[str | os.PathLike] | None = None):
         self.folders = [os.path.abspath(os.fspath(f)) for f in folders]
         if not self.folders:
             raise RecipeError("no model folder given (--models-dir)")
         self.output_folder = os.path.abspath(os.fspath(output_folder or self.folders[0]))
+        # LoRAs: the given folders, else the model folders (a LoRA beside the checkpoints)
+        self._lora_folders = [os.path.abspath(os.fspath(f)) for f in lora_folders] if lora_folders else self.folders
         self._listed: dict[str, str] = {}
+
+    def lora_folders(self) -> list[str]:
+        return list(self._lora_folders)
 
     def model_names(self, refresh: bool = False) -> list[str]:
         if refresh or not self._listed:

@@ -47,7 +47,7 @@ GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=..
 # The form fields every recipe-building handler reads, in this order: these, the block sliders of every
 # registered architecture after "use_blocks", then the method parameters (TabController.recipe_fields).
 RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", "extra_blocks", "arch",
-                 "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite"]
+                 "loras", "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite"]
 SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
 PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
 
@@ -75,7 +75,17 @@ class TabController:
         return methods.method_names()
 
     def recipe(self, form: Mapping[str, Any]) -> Recipe:
-        return recipe_from_form(form, self.backend.resolve_model, self.widgets)
+        return recipe_from_form(form, self.backend.resolve_model, self.widgets, self.backend.resolve_lora)
+
+    def lora_picked(self, name: str | None, text: str | None) -> dict[str, Any]:
+        """A LoRA chosen in the list goes into the LoRA field at strength 1 (once)."""
+        if not name:
+            return {}
+        lines = [line for line in (text or "").splitlines() if line.strip()]
+        if any(line.split(":", 1)[0].strip() == name for line in lines):
+            return {"lora_pick": update(value=None), "status": f"{name} is already in the list"}
+        return {"loras": "\n".join([*lines, f"{name}:1"]), "lora_pick": update(value=None),
+                "status": f"added {name} at strength 1"}
 
     def listed_names(self, paths: list[str]) -> list[str]:
         listed = {os.path.normpath(self.backend.resolve_model(n)): n for n in self.backend.model_names()}

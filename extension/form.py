@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,10 +228,53 @@ def _weights(text: str | None) -> list[float] | None:
         raise RecipeError(f"weights {text!r} are not comma-separated numbers") from None
 
 
+_SUPERMERGER_ENTRY = re.compile(r"^[^:,]+:[-+0-9.eE]+(?::[A-Za-z][\w.]*)?$")
+
+
+def parse_lora_text(text: str | None) -> list[dict[str, Any]]:
+    """The tab's LoRA field: one LoRA a line, `NAME[:STRENGTH[:BLOCKS]]` (BLOCKS: a preset or a block
+    string), or SuperMerger's one-line `NAME:STRENGTH[:PRESET],NAME:STRENGTH…`. Names, not yet paths."""
+    entries = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        pieces = [p.strip() for p in line.split(",")]
+        parts = pieces if len(pieces) > 1 and all(_SUPERMERGER_ENTRY.match(p) for p in pieces) else [line]
+        for part in parts:
+            name, _, rest = part.partition(":")
+            strength_text, _, blocks = rest.partition(":")
+            try:
+                strength = float(strength_text) if strength_text.strip() else 1.0
+            except ValueError:
+                raise RecipeError(f"LoRA {part!r}: the strength {strength_text!r} is not a number "
+                                  "(NAME:STRENGTH[:BLOCKS])") from None
+            if not math.isfinite(strength):
+                raise RecipeError(f"LoRA {part!r}: the strength must be finite")
+            entry: dict[str, Any] = {"path": name.strip(), "strength": strength}
+            if blocks.strip():
+                entry["blocks"] = blocks.strip()
+            entries.append(entry)
+    return entries
+
+
+def lora_text(entries: list[Mapping[str, Any]], name_of: Callable[[str], str] = os.path.basename) -> str:
+    lines = []
+    for e in entries or []:
+        line = f"{name_of(str(e.get('path') or e.get('name')))}:{_short(float(e.get('strength', 1.0)))}"
+        blocks = e.get("blocks")
+        if blocks not in (None, "", []):
+            line += ":" + (blocks if isinstance(blocks, str) else ",".join(_short(float(v)) for v in blocks))
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
-                     widgets: list[ParamWidget] | None = None) -> Recipe:
+                     widgets: list[ParamWidget] | None = None,
+                     resolve_lora: Callable[[str], str] | None = None) -> Recipe:
     """The Recipe the form describes; model names are turned into paths by `resolve` (which refuses
-    anything outside the model folders). Raises a one-line RecipeError on bad input."""
+    anything outside the model folders), LoRA names by `resolve_lora`. Raises a one-line RecipeError on
+    bad input."""
     M = methods
     method_name = form.get("method") or "weighted_sum"
     try:
@@ -285,6 +329,11 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
         nonfinite=form.get("nonfinite") or "error",
         memory_budget=memory,
     )
+    loras = parse_lora_text(form.get("loras"))
+    if loras:
+        if resolve_lora is None:
+            raise RecipeError("LoRAs cannot be looked up here (no LoRA folder)")
+        recipe.loras = [{**e, "path": resolve_lora(e["path"])} for e in loras]
     return recipe
 
 
@@ -295,6 +344,8 @@ def recipe_json(recipe: Recipe, names: Callable[[list[str]], list[str]] | None =
         data["models"] = names(list(recipe.models))
         if recipe.base:
             data["base"] = names([recipe.base])[0]
+    if data.get("loras"):  # by name in the LoRA folder, as the route resolves them
+        data["loras"] = [{**e, "path": os.path.basename(e["path"])} for e in data["loras"]]
     for local in ("device", "threads", "memory_budget"):
         data.pop(local, None)
     if recipe.out:
@@ -377,6 +428,7 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
         values[w.field] = value
     weights = record.get("weights")
     values["weights"] = ",".join(_short(float(w)) for w in weights) if weights else ""
+    values["loras"] = lora_text([e for e in record.get("loras") or [] if isinstance(e, Mapping)])
     values["seed"] = int(record.get("seed", 0))
     values["dtype"] = record.get("dtype") if record.get("dtype") in DTYPE_CHOICES else AUTO
     for name in ("precision", "missing", "nonfinite"):

@@ -188,6 +188,16 @@ class HostBackend(Backend):
     def output_path(self, name: str) -> str:
         return output_file(name, self.sd_models.model_path)
 
+    def lora_folders(self) -> list[str]:
+        """The host's LoRA folder: `--lora-dir` (A1111's built-in Lora extension and Forge declare it),
+        else models/Lora beside models/Stable-diffusion, as both default to."""
+        lora_dir = getattr(getattr(self.shared, "cmd_opts", None), "lora_dir", None)
+        folders = [os.path.abspath(lora_dir)] if lora_dir else []
+        default = os.path.join(os.path.dirname(os.path.abspath(self.sd_models.model_path)), "Lora")
+        if default not in folders:
+            folders.append(default)
+        return folders
+
     def after_save(self, path: str, sources=()) -> None:
         place_config_beside(path, sources)
         self.model_names(refresh=True)

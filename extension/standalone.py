@@ -80,13 +80,14 @@ def launch_kwargs(launch, **wanted):
     return {k: v for k, v in wanted.items() if k in params}
 
 
-def serve(folders: Sequence[str], *, listen: bool = False, port: int = 7870, block: bool = True):
+def serve(folders: Sequence[str], *, listen: bool = False, port: int = 7870, block: bool = True,
+          lora_folders: Sequence[str] | None = None):
     """Build and serve the tab; returns (blocks, url). Binds 127.0.0.1 unless `listen`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .ui import CSS, build_tab
 
-    backend = StandaloneBackend(folders)
-    for folder in backend.folders:
+    backend = StandaloneBackend(folders, lora_folders=lora_folders)
+    for folder in [*backend.folders, *backend.lora_folders()]:
         if not os.path.isdir(folder):
             raise MergeLabError("model folder not found", path=folder)
     tab = build_tab(backend)

@@ -182,6 +182,17 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                     for b in right:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
 
+        # ---- LoRAs -------------------------------------------------------------------------------------
+        with component(gr.Accordion, label="LoRAs (baked into the result)", open=False,
+                       elem_id=ELEM_PREFIX + "lora_box"), gr.Row():
+            add("lora_pick", component(gr.Dropdown, choices=backend.lora_names(), value=None,
+                                       label="Add a LoRA", elem_id=ELEM_PREFIX + "lora_pick", scale=1))
+            add("loras", component(gr.Textbox, value="", lines=2, label="LoRAs",
+                                   info="one a line: NAME:STRENGTH[:BLOCKS] (BLOCKS: a preset such as INS or "
+                                        "OUTALL, or a 17 / 12-value LoRA Block Weight or our block string)",
+                                   placeholder="my-style.safetensors:0.7", elem_id=ELEM_PREFIX + "loras",
+                                   scale=3))
+
         # ---- advanced -----------------------------------------------------------------------------------
         with component(gr.Accordion, label="Advanced", open=False, elem_id=ELEM_PREFIX + "advanced"):
             with gr.Row():
@@ -343,6 +354,9 @@ def _wire(tab: Tab, controller: TabController, backend: Backend) -> None:
                  lambda *vals: controller.sliders_moved(vals[0], *vals[1:]),
                  ["arch", *slider_fields], ["mbw_text"], star_inputs=True)
 
+    tab.wire("lora_pick", c["lora_pick"], compat.user_edit_event(c["lora_pick"]),
+             lambda v: controller.lora_picked(v["lora_pick"], v["loras"]), ["lora_pick", "loras"],
+             ["loras", "lora_pick", "status"])
     tab.wire("analyze", c["analyze"], "click", controller.analyze, recipe_inputs,
              ["theta_table", "heatmap", "status"], progress=True)
     tab.wire("check", c["check"], "click", controller.show_recipe, recipe_inputs, ["recipe_json", "status"])

@@ -1,5 +1,5 @@
-"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method`` and ``preset`` for the host's
-built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's recipe made from them.
+"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``LoRA strength`` and ``preset``
+for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's recipe made from them.
 
 Host facts this relies on (read from the hosts' own sources):
 
@@ -56,6 +56,10 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
         recipe.blocks = overrides["preset"]
     if "block" in overrides:
         recipe.block = {**recipe.block, **overrides["block"]}
+    if "lora_strength" in overrides:
+        if not recipe.loras:
+            raise RecipeError("the LoRA strength axis needs a recipe with a LoRA (the tab's LoRA field)")
+        recipe.loras = [{**e, "strength": float(overrides["lora_strength"])} for e in recipe.loras]
     return recipe
 
 
@@ -117,6 +121,11 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
     axes.append(AxisOption(AXIS_PREFIX + "method", str, lambda p, x, xs: _with_override(p, "method", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("method"), cost=1.0,
                            choices=lambda: methods.method_names()))
+    # every LoRA of the recipe at this strength (one merge per value, as for α)
+    axes.append(AxisOption(AXIS_PREFIX + "LoRA strength", float,
+                           lambda p, x, xs: _with_override(p, "lora_strength", x),
+                           format_value=lambda p, opt, x: f"LoRA {x:g}", confirm=confirm_with("lora_strength"),
+                           cost=1.0))
     axes.append(AxisOption(AXIS_PREFIX + "preset", str, lambda p, x, xs: _with_override(p, "preset", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("preset"), cost=1.0,
                            choices=lambda: list(presets())))
