@@ -48,6 +48,54 @@ def _float_to_bits(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (LLVM's llvm.fma: the FMA instruction, or an exact software form)."""
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        values = [context.cast(builder, v, t, types.float32) for v, t in zip(args, signature.args)]
+        return builder.call(fn, values)
+    return types.float32(a, b, c), codegen
+
+
+def _e4m3fn_values() -> np.ndarray:
+    """The float32 value of every fp8 e4m3fn pattern (bias 7, 3 mantissa bits, no inf, S.1111.111 NaN)."""
+    out = np.empty(256, np.float32)
+    for bits in range(256):
+        sign = -1.0 if bits & 0x80 else 1.0
+        exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
+        if exponent == 0xF and mantissa == 0x7:
+            out[bits] = np.nan
+        elif exponent == 0:
+            out[bits] = sign * mantissa * 2.0 ** -9
+        else:
+            out[bits] = sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
+    return out
+
+
+# a global array is a constant of the compiled code
+E4M3FN_VALUES = _e4m3fn_values()
+E4M3FN_MAX = np.float32(448.0)
+E5M2_MAX = np.float32(57344.0)
+
+
+@njit(inline="always")
+def _encode_fp8(value, limit, mantissa_bits, bias, least_normal, subnormal_scale):
+    """float32 → the bits of an fp8 format with mantissa_bits and bias, as the engine's to_output_dtype does:
+    saturated at ±limit (inf too), then rounded to nearest, ties to even. NaN is not encoded here."""
+    word = _float_to_bits(value)
+    sign = types.uint32((word >> types.uint32(24)) & types.uint32(0x80))
+    a = min(abs(value), limit)
+    if a < least_normal:  # subnormal (or rounding up to the least normal): m · 2^(1-bias-mb)
+        return sign | types.uint32(np.rint(a * subnormal_scale))
+    w = _float_to_bits(a)
+    shift = types.uint32(23 - mantissa_bits)
+    w = w + ((types.uint32(1) << (shift - types.uint32(1))) - types.uint32(1)) + ((w >> shift) & types.uint32(1))
+    exponent = (w >> types.uint32(23)) - types.uint32(127 - bias)
+    return sign | (exponent << types.uint32(mantissa_bits)) | ((w >> shift) & types.uint32((1 << mantissa_bits) - 1))
+
+
 def load(array, i):
     """array[i] as float32 (the array's dtype names its format: see kernels.bits_view)."""
 
@@ -60,6 +108,10 @@ def _load(array, i):
         return lambda array, i: _bits_to_float(types.uint32(types.uint16(array[i])) << types.uint32(16))
     if array.dtype == types.float32:
         return lambda array, i: array[i]
+    if array.dtype == types.uint8:  # fp8 e4m3fn: a table of its 256 values
+        return lambda array, i: E4M3FN_VALUES[array[i]]
+    if array.dtype == types.int8:  # fp8 e5m2: the upper byte of an fp16
+        return lambda array, i: _half_to_float(types.uint16(types.uint8(array[i])) << types.uint16(8))
     return None
 
 
@@ -93,7 +145,48 @@ def _store(array, i, value):
             array[i] = value
             return (_float_to_bits(value) & types.uint32(0x7F800000)) == types.uint32(0x7F800000)
         return fp32
+    if array.dtype == types.uint8:
+        def e4m3fn(array, i, value):
+            if value != value:
+                array[i] = types.uint8(0x7F)
+                return True
+            array[i] = types.uint8(_encode_fp8(value, E4M3FN_MAX, 3, 7, np.float32(2.0 ** -6), np.float32(512.0)))
+            return False
+        return e4m3fn
+    if array.dtype == types.int8:
+        def e5m2(array, i, value):
+            if value != value:
+                array[i] = types.int8(0x7F)
+                return True
+            array[i] = types.int8(types.uint8(_encode_fp8(value, E5M2_MAX, 2, 15, np.float32(2.0 ** -14),
+                                                         np.float32(65536.0))))
+            return False
+        return e5m2
     return None
+
+
+@njit(**JIT)
+def lerp_from_start(a, b, weight, out):
+    """out = fma(w, b − a, a) in float32: torch.lerp(a, b, w) for |w| < 0.5, as ATen's vectorized lerp
+    computes it. Returns False when an output value is NaN or inf (after rounding to out's format)."""
+    w = np.float32(weight)
+    bad = False
+    for i in range(out.size):
+        x = load(a, i)
+        bad |= store(out, i, _fma(w, load(b, i) - x, x))
+    return not bad
+
+
+@njit(**JIT)
+def lerp_from_end(a, b, weight, out):
+    """out = fma(w − 1, b − a, b): torch.lerp(a, b, w) for |w| ≥ 0.5. (Two kernels, one store each: numba
+    mis-scopes an inlined store that appears twice in one function.)"""
+    c = np.float32(weight) - np.float32(1.0)
+    bad = False
+    for i in range(out.size):
+        y = load(b, i)
+        bad |= store(out, i, _fma(c, y - load(a, i), y))
+    return not bad
 
 
 @njit(**JIT)

@@ -6,7 +6,24 @@ import math
 
 import torch
 
-from .registry import KeyContext, Param, Statistics, merge_method
+from . import kernels
+from .registry import Compiled, KeyContext, Param, Statistics, merge_method
+
+
+def _raw_weighted_sum(models, base, out, ratio, ctx: KeyContext):
+    """The two-model case compiled: torch.lerp's bits in one pass over the raw inputs (fp8 files are read
+    and written without the torch casts, which dominate a Flux fp8 merge on the CPU)."""
+    weights = ctx.weights
+    if len(models) != 2 or (weights is not None and (len(weights) != 2 or float(weights[1]) == 0 or float(weights[0]) != 0)):
+        return None  # N models, or weights other than (0, w): the torch form
+    views = kernels.raw_views(models, None, out)
+    if views is None:
+        return None
+    (a, b), _, out_view = views
+    k = kernels.compiled()
+    # ATen's lerp: from A for |α| < 0.5, from B otherwise (computed in float32)
+    kernel = k.lerp_from_start if abs(float(torch.tensor(ratio, dtype=torch.float32))) < 0.5 else k.lerp_from_end
+    return kernel(a, b, float(ratio), out_view)
 
 
 @merge_method(
@@ -14,6 +31,7 @@ from .registry import KeyContext, Param, Statistics, merge_method
     default_ratio=0.5,
     summary="(1−α)·A + α·B; N models: A moved by α toward the weighted mean Σwᵢθᵢ/Σwᵢ",
     min_models=2,
+    compiled=Compiled(merge=_raw_weighted_sum),
 )
 def weighted_sum(models, base, ratio, ctx: KeyContext):
     """Two models: (1−α)A + αB. N models: (1−α)·θ₁ + α·Σwᵢθᵢ/Σwᵢ, weights default (0, 1, …, 1), i.e.

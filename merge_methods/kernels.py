@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 # Set MERGE_LAB_KERNELS=0 to run every method's torch form (A/B benchmarks, bisecting a difference).
 ENV_SWITCH = "MERGE_LAB_KERNELS"
-_VIEW_DTYPES = {torch.float16: torch.uint16, torch.bfloat16: torch.int16, torch.float32: torch.float32}
+_VIEW_DTYPES = {torch.float16: torch.uint16, torch.bfloat16: torch.int16, torch.float32: torch.float32,
+                torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.int8}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FORMATS = frozenset(_VIEW_DTYPES)  # the dtypes the kernels read and write
 
 
@@ -40,14 +42,16 @@ def bits_view(tensor: torch.Tensor) -> np.ndarray:
 def raw_views(models, base, out=None):
     """(model views, base view, out view or None): the `bits_view`s of one slice's tensors, or None when the
     kernels cannot take them. They take contiguous CPU tensors, the inputs all of one supported dtype (one
-    compiled specialization per dtype, not one per mix), and only when they are available."""
-    inputs = [*models, base]
+    compiled specialization per dtype, not one per mix), and only when they are available. `base` None
+    (a method without one): its view is None."""
+    inputs = [*models, *([base] if base is not None else [])]
     first = inputs[0]
     if (first.dtype not in FORMATS or (out is not None and out.dtype not in FORMATS)
             or not all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in inputs)
             or compiled() is None):
         return None
-    return tuple(bits_view(m) for m in models), bits_view(base), None if out is None else bits_view(out)
+    return (tuple(bits_view(m) for m in models), None if base is None else bits_view(base),
+            None if out is None else bits_view(out))
 
 
 def compiled():
@@ -90,5 +94,45 @@ def _self_test(k) -> str | None:
         out = torch.empty(values.numel(), dtype=dtype)
         k.from_float32(values.numpy(), bits_view(out))
         if not torch.equal(out.view(_VIEW_DTYPES[dtype]), values.to(dtype).view(_VIEW_DTYPES[dtype])):
+            return f"float32 to {dtype} differs from torch"
+    return _self_test_fp8(k)
+
+
+def _fp8_test_values(dtype) -> torch.Tensor:
+    """Every finite value of the format, the midpoints between neighbours (ties), values just off them,
+    beyond the largest (saturated), in the subnormal range and below it, and ±inf."""
+    patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    exact = patterns[torch.isfinite(patterns)].unique()
+    mids = (exact[1:].double() + exact[:-1].double()) / 2
+    near = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, 1e9)),
+                      torch.nextafter(mids, torch.full_like(mids, -1e9))]).float()
+    limit = float(torch.finfo(dtype).max)
+    tiny = float(torch.finfo(dtype).smallest_normal)
+    extra = torch.tensor([limit * 1.01, limit * 1.5, 1e30, tiny / 3, tiny / 7, 1e-30, 0.0, float("inf")])
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, generator=generator) * torch.exp2(torch.randint(-20, 20, (4096,),
+                                                                               generator=generator).float())
+    values = torch.cat([exact, near, extra, spread])
+    return torch.cat([values, -values]).contiguous()
+
+
+def _self_test_fp8(k) -> str | None:
+    """fp8 (e4m3fn, e5m2): every pattern to float32, and float32 back as the engine's to_output_dtype casts
+    (saturated at the largest finite value, then rounded to nearest even), against torch."""
+    for dtype in FP8:
+        raw = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+        got = np.empty(256, np.float32)
+        k.to_float32(bits_view(raw), got)
+        want = raw.float().numpy()
+        nan = np.isnan(want)
+        if not (np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan].view(np.uint32),
+                                                                        want[~nan].view(np.uint32))):
+            return f"{dtype} to float32 differs from torch"
+        values = _fp8_test_values(dtype)
+        out = torch.empty(values.numel(), dtype=dtype)
+        k.from_float32(values.numpy(), bits_view(out))
+        limit = torch.finfo(dtype).max
+        expected = values.clamp(-limit, limit).to(dtype)
+        if not torch.equal(out.view(torch.uint8), expected.view(torch.uint8)):
             return f"float32 to {dtype} differs from torch"
     return None

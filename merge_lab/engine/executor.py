@@ -184,9 +184,11 @@ class Executor(Loader):
         policy must first rewrite (those take the torch form, which applies it)."""
         plan = self.plan
         if (kernel is None or plan.device.type != "cpu" or plan.compute_dtype != torch.float32
-                or not plan.base or not getattr(raws, "finite", False)):
+                or not getattr(raws, "finite", False)):
             return None
         parts = [r if rows is None else r[rows[0]:rows[1]] for r in raws]
+        if not plan.base:  # a method without a base (weighted sum) gets None; one whose base is a model, no kernel
+            return (parts, None) if plan.method.base == "never" else None
         return parts[: len(plan.models)], parts[len(plan.models)]
 
     def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor) -> torch.Tensor:

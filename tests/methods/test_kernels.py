@@ -198,3 +198,90 @@ def test_the_engine_merges_ties_soup_and_tsd_with_the_kernels_to_the_same_bits(n
     assert set(compiled) == set(reference)
     for key in reference:
         assert torch.equal(compiled[key], reference[key]), key
+
+
+# ---- fp8 and the weighted sum ---------------------------------------------------------------------------
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.dtype.itemsize])
+
+
+def test_fp8_conversions_are_torchs():
+    # every fp8 pattern to float32; float32 back as the engine's to_output_dtype (saturate, nearest even),
+    # ties and values beyond the largest finite one included
+    assert kernels._self_test_fp8(kernels.compiled()) is None
+    values = torch.tensor([1000.0, -1000.0, float("inf"), 0.0, -0.0, 2.0 ** -10, 1.0625, 1.1875])
+    for dtype in FP8:
+        out = torch.empty(values.numel(), dtype=dtype)
+        kernels.compiled().from_float32(values.numpy(), kernels.bits_view(out))
+        limit = torch.finfo(dtype).max
+        assert torch.equal(_bits(out), _bits(values.clamp(-limit, limit).to(dtype)))
+
+
+@pytest.mark.parametrize("in_dtype", [*FORMATS, *FP8])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32, *FP8])
+def test_compiled_weighted_sum_is_torch_lerps_bits(in_dtype, out_dtype):
+    from merge_lab.engine.executor import to_output_dtype
+    from merge_lab_methods.basic import _raw_weighted_sum, weighted_sum
+
+    numel = 4099
+    (a, b), _ = family(2, numel, in_dtype, seed=5)
+    for ratio in (0.0, 0.25, 0.4999, 0.5, 0.8, 1.0, -0.3, 1.6):
+        want = to_output_dtype(weighted_sum([a.float(), b.float()], None, ratio, KeyContext(shape=(numel,))),
+                               out_dtype)
+        got = torch.empty(numel, dtype=out_dtype)
+        assert _raw_weighted_sum([a, b], None, got, ratio, KeyContext(shape=(numel,))) is True
+        assert torch.equal(_bits(got), _bits(want)), (ratio, int((_bits(got) != _bits(want)).sum()))
+    # N models and other weights: the torch form
+    assert _raw_weighted_sum([a, b, a], None, got, 0.5, KeyContext()) is None
+    assert _raw_weighted_sum([a, b], None, got, 0.5, KeyContext(weights=(1.0, 1.0))) is None
+
+
+@pytest.mark.parametrize("out_dtype", FP8)
+def test_compiled_model_stock_on_fp8_is_the_torch_forms_bits(out_dtype):
+    from merge_lab.engine.executor import to_output_dtype
+
+    numel = 2 * 2048 + 13
+    models, base = family(3, numel, torch.float8_e4m3fn, seed=2)
+    ctx = KeyContext(shape=(numel,), stats={"gram": gram([m.float() - base.float() for m in models])})
+    want = to_output_dtype(model_stock([m.float() for m in models], base.float(), 1.0, ctx, granularity="tensor"),
+                           out_dtype)
+    got = torch.empty(numel, dtype=out_dtype)
+    assert model_stock_raw_merge(models, base, got, 1.0, ctx, "tensor") is True
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("method", ["weighted_sum", "model_stock"])
+def test_the_engine_merges_an_fp8_flux_file_with_the_kernels_to_the_torch_forms_bytes(method, tmp_path,
+                                                                                       monkeypatch):
+    from merge_lab import archs
+    from merge_lab.demo.models import base_state_dict, finetune_state_dict
+
+    base = base_state_dict(archs.layout_for("flux-dev", width=8, vocab=64), 0, torch.bfloat16)
+    paths = []
+    for i, state in enumerate((base, finetune_state_dict(base, 1, 0), finetune_state_dict(base, 2, 0))):
+        fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() >= 2 and k.startswith("model.diffusion_model.") else v
+               for k, v in state.items()}
+        paths.append(tmp_path / f"f{i}.safetensors")
+        save_file(fp8, str(paths[-1]))
+    if method == "weighted_sum":
+        recipe = Recipe(models=[str(paths[1]), str(paths[2])], method=method, alpha=0.3)
+    else:
+        recipe = Recipe(models=[str(paths[1]), str(paths[2])], base=str(paths[0]), method=method)
+    merges = counting(monkeypatch, method, "merge")
+    compiled = merge_to_state_dict(recipe).state_dict
+    assert sum(merges) > 50
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    reference = merge_to_state_dict(recipe).state_dict
+    assert set(compiled) == set(reference)
+    fp8_keys = 0
+    for key, want in reference.items():
+        assert compiled[key].dtype == want.dtype
+        if method == "weighted_sum" or want.dtype != torch.float8_e4m3fn:
+            assert torch.equal(_bits(compiled[key]), _bits(want)), key
+        else:  # t from the compiled Gram matrix: one fp8 step apart at most
+            torch.testing.assert_close(compiled[key].float(), want.float(), rtol=0.13, atol=2 ** -9)
+        fp8_keys += want.dtype == torch.float8_e4m3fn
+    assert fp8_keys > 50

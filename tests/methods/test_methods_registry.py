@@ -112,7 +112,7 @@ def test_a_flat_hook_is_refused_with_its_group(scratch_registry):
 
 
 def test_a_simple_method_declares_no_hooks():
-    method = REGISTRY["weighted_sum"]
+    method = REGISTRY["add_difference"]
     assert method.chunking == Chunking() and method.statistics == Statistics() and method.compiled == Compiled()
     params = method.normalize_params({})
     assert method.chunkable(params) and not method.keeps_whole((3,)) and not method.needs_statistics(params, (3,))
