@@ -75,7 +75,7 @@ def lokr_delta(*, w1: torch.Tensor | None = None, w1a: torch.Tensor | None = Non
             m2 = m2.reshape(m2.shape[0], -1, *shape[2:])
     if m2.dim() == 4:
         m1 = m1[:, :, None, None]
-    delta = (float(strength) * scale) * torch.kron(m1, m2)
+    delta = (float(strength) * scale) * torch.kron(m1.contiguous(), m2.contiguous())  # kron views its inputs
     return delta if shape is None else delta.reshape(shape)
 
 
