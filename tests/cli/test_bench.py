@@ -57,3 +57,22 @@ def test_flux_bench_runs_floor_and_ours_and_reports_the_ratio(tmp_path, capsys):
     assert all(r["ok"] for r in result["runs"])
     assert "ours / floor" in capsys.readouterr().out
     assert not list(tmp_path.glob("out-*/*.safetensors"))  # outputs removed after each measured run
+
+
+def test_lora_bench_bakes_against_a_copy_and_extracts(tmp_path, capsys):
+    out = tmp_path / "lora.json"
+    code = main(["bench", "--arch", "sdxl", "--lora", "--width", "16", "--reps", "1", "--extract-rank", "4",
+                 "--dir", str(tmp_path), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["runs"]] == ["copy", "bake", "extract"]
+    assert all(r["ok"] and r["peak_rss_mb"] > 0 for r in result["runs"])
+    copy, bake, extract = result["runs"]
+    assert abs(bake["out_mb"] - copy["out_mb"]) < 0.01 * copy["out_mb"]  # the same tensors, plus the recipe
+    assert 0 < extract["out_mb"] < copy["out_mb"]
+    assert "truncation error" in extract["report"] and result["lora_modules"] > 500
+    text = capsys.readouterr().out
+    assert "bake / copy:" in text and "extract rank 4" in text
+    # the LoRA is kohya's: every module matches the checkpoint (a bake with unmatched modules fails)
+    lora = next(tmp_path.glob("sdxl-w16/*-lora-r32.safetensors"))
+    assert json.loads(read_header(lora).metadata["ss_network_dim"]) == 32

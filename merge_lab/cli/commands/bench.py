@@ -39,6 +39,10 @@ def add_parser(sub):
                                                              "64: 266 MB each in fp16)")
     p.add_argument("--many-methods", default="ties_soup,tsd", help="methods of the --many runs")
     p.add_argument("--memory-budget", default=None, help="our --memory-budget in the --many runs")
+    p.add_argument("--lora", action="store_true", help="instead: bake a rank-32 LoRA against a plain copy of the "
+                                                       "checkpoint, and extract a LoRA (--extract-rank)")
+    p.add_argument("--extract-rank", dest="extract_rank", type=int, default=64,
+                   help="with --lora: the rank extracted from base + fine-tune (0: skip)")
     p.add_argument("--dir", help="where the synthetic checkpoints are kept (default: the cache folder)")
     p.add_argument("--out-dir", help="where merge outputs go while measured (default: a temp folder beside the "
                                      "checkpoints)")
@@ -144,6 +148,13 @@ def run(args) -> int:
     _apply_arch_defaults(args)
     if args.many:
         return run_many(args)
+    if args.lora:
+        from merge_lab.benchmarks.lora import run_lora_bench
+
+        folder = Path(args.dir) if args.dir else None
+        _check_free_disk(folder, args.arch, 1, args.width)
+        env = dict(os.environ, MERGE_LAB_CACHE=str(bench_dir() / "hash-cache"), PYTHONUNBUFFERED="1")
+        return run_lora_bench(args.arch, args.reps, args.extract_rank, folder, args.json, env, args.width)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rss_counts = [int(x) for x in args.rss_models.split(",") if x.strip()]
     need = max([args.models, 2, *rss_counts])
