@@ -190,6 +190,18 @@ def lerp_from_end(a, b, weight, out):
 
 
 @njit(**JIT)
+def bits_all_finite(bits, mask):
+    """Whether no byte of an fp8 tensor (its uint8 view) has every bit of `mask` set: the NaN pattern
+    S.1111.111 of e4m3fn (mask 0x7F; it has no inf), the all-ones exponent of e5m2's inf and NaN (0x7C).
+    A branch-free OR over the bytes, which LLVM vectorizes."""
+    bad = 0
+    m = types.uint8(mask)
+    for i in range(bits.size):
+        bad |= (bits[i] & m) == m
+    return bad == 0
+
+
+@njit(**JIT)
 def to_float32(src, dst):
     for i in range(src.size):
         dst[i] = load(src, i)

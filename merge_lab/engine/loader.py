@@ -12,6 +12,7 @@ import torch
 from merge_lab.engine.chunking import slice_elements
 from merge_lab.engine.plan import Input, KeyTask, MergePlan
 from merge_lab.errors import MergeLabError
+from merge_lab_methods.kernels import FP8_NONFINITE_MASK, fp8_all_finite
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -19,8 +20,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     the tensor once without a temporary (a float32 sum of fp16 data first copied it all to float32)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype.itemsize == 1:  # float8: no aminmax on the CPU
-        return bool(torch.isfinite(t.float()).all())
+    if t.dtype in FP8_NONFINITE_MASK:  # float8: no aminmax on the CPU; read off the bytes
+        return fp8_all_finite(t) if t.device.type == "cpu" else bool(torch.isfinite(t.float()).all())
     low, high = torch.aminmax(t)
     return math.isfinite(low.item()) and math.isfinite(high.item())  # two scalars: no tensor ops
 

@@ -46,6 +46,7 @@ def fingerprint(plan: MergePlan) -> str:
         "models": [ident(m) for m in plan.models],
         "base": ident(plan.base) if plan.base else None,
         "ratios": plan.ratios,
+        "key": plan.recipe.key or None,  # in order: the last match wins
         "params": plan.params,
         "weights": r.weights,
         "seed": r.seed if plan.method.randomized else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from merge_lab.archs.detect import Architecture, detect
 from merge_lab.archs.presets import names_preset, preset_values
 from merge_lab.engine.chunking import _assign_chunks
 from merge_lab.engine.metadata import _hash_inputs, fingerprint
-from merge_lab.engine.recipe import Recipe, parse_size
+from merge_lab.engine.recipe import Recipe, compile_key_pattern, parse_size
 from merge_lab.errors import MergeLabError, RecipeError
 from merge_lab.io.checkpoints import open_checkpoint
 from merge_lab.io.writer import OutputEntry
@@ -120,6 +121,7 @@ class MergePlan:
             "alpha": r.effective_alpha(),
             "blocks": r.blocks,
             "block": dict(r.block or {}),
+            "key": dict(r.key) if r.key else None,
             "ratios": self.ratios,
             "params": self.params,
             "weights": r.weights,
@@ -233,8 +235,14 @@ def _dominant_float_dtype(inp: Input) -> str:
     return counts.most_common(1)[0][0]
 
 
+def _key_ratios(plan: MergePlan) -> list[tuple[str, re.Pattern, float]]:
+    return [(p, compile_key_pattern(p), float(v)) for p, v in (plan.recipe.key or {}).items()]
+
+
 def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
     arch = plan.arch.arch
+    key_ratios = _key_ratios(plan)
+    matched: set[str] = set()
     merge_inputs = plan.inputs
     order: list[str] = list(plan.models[0].reader.tensors)
     seen = set(order)
@@ -278,12 +286,21 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
             if not other.is_float:
                 raise MergeLabError(f"dtype {other.dtype} is not floating point, {first.name} has {info.dtype}",
                                     path=inp.path, key=key)
+        ratio = plan.ratios[block]
+        for pattern, regex, value in key_ratios:  # the last match wins
+            if regex.search(key):
+                ratio = value
+                matched.add(pattern)
         if channels is None:
-            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=plan.ratios[block]))
+            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=ratio))
         else:
             narrow = (info.shape[0], channels, *info.shape[2:])
-            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=plan.ratios[block],
+            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=ratio,
                                  channels=channels, full_shape=info.shape))
+    unmatched = [p for p, _, _ in key_ratios if p not in matched]
+    if unmatched:  # a typo would otherwise merge everything at the block ratios, silently
+        raise RecipeError(f"key pattern(s) {', '.join(map(repr, unmatched))} match no merged key of "
+                          f"{plan.models[0].name} ({archs.get(arch).title})", path=plan.models[0].path)
 
     _assign_chunks(plan, tasks)
     return tasks

@@ -43,6 +43,9 @@ class Recipe:
     alpha: float | None = None  # None: the method's own default (method.default_ratio)
     blocks: str | list[float] | None = None  # "v1,v2,…" (26 SD1/SD2, 20 SDXL) or a preset name
     block: dict[str, float] = field(default_factory=dict)  # named ratios: IN04, TIME, VAE, TE1, …
+    # elemental ratios: {regex: ratio} over the checkpoint key names, on top of the block ratios; in order,
+    # the last pattern that matches a key wins (A1111 / SuperMerger users' "per-key" control)
+    key: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     weights: list[float] | None = None  # per-model weights (N-model sums, task negation)
     seed: int = 0
@@ -179,6 +182,9 @@ class Recipe:
             if name.upper() not in known:
                 raise RecipeError(f"unknown block {show(name)} (valid: {', '.join(known)})")
             _check_ratio(f"block {name}", value)
+        for pattern, value in (self.key or {}).items():
+            compile_key_pattern(pattern)
+            _check_ratio(f"key {pattern}", value)
         if self.weights is not None:
             if len(self.weights) != len(models):
                 raise RecipeError(f"{len(self.weights)} weights given for {len(models)} models")
@@ -230,6 +236,16 @@ def check_output_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike
             raise RecipeError(f"the output {show(out)} is one of the inputs; refusing to overwrite it", path=p)
 
 
+def compile_key_pattern(pattern: str) -> re.Pattern:
+    """An elemental-ratio pattern (a Python regex searched in each key name), or a one-line RecipeError."""
+    if not isinstance(pattern, str) or not pattern:
+        raise RecipeError(f"a key pattern must be a non-empty regex, got {show(pattern)}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"key pattern {pattern!r} is not a valid regex: {e}") from None
+
+
 def known_block_names() -> list[str]:
     """Every block name of any architecture (a recipe is checked against its models' own list later)."""
     return archs.all_block_names()
@@ -264,6 +280,8 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "alpha": ("a number", lambda v: v is None or _finite_number(v)),
     "blocks": ("a preset name or a list of ratios", lambda v: v is None or isinstance(v, str) or (
         isinstance(v, list) and all(_finite_number(x) or isinstance(x, str) for x in v))),
+    "key": ("a mapping of key regexes to ratios", lambda v: v is None or (isinstance(v, Mapping) and all(
+        isinstance(k, str) and _finite_number(x) for k, x in v.items()))),
     "block": ("a mapping of block names to ratios", lambda v: v is None or (isinstance(v, Mapping) and all(
         isinstance(k, str) and _finite_number(x) for k, x in v.items()))),
     "params": ("a mapping of parameter names to values", lambda v: v is None or (isinstance(v, Mapping) and all(

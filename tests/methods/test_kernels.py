@@ -285,3 +285,15 @@ def test_the_engine_merges_an_fp8_flux_file_with_the_kernels_to_the_torch_forms_
             torch.testing.assert_close(compiled[key].float(), want.float(), rtol=0.13, atol=2 ** -9)
         fp8_keys += want.dtype == torch.float8_e4m3fn
     assert fp8_keys > 50
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_fp8_finiteness_is_read_off_the_bytes_for_every_pattern(dtype):
+    from merge_lab.engine.loader import _all_finite
+
+    patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    for i in range(256):
+        t = torch.zeros(300, dtype=dtype)
+        t[137] = patterns[i]
+        assert _all_finite(t) == bool(torch.isfinite(t.float()).all()), i
+        assert kernels.fp8_all_finite(t) == _all_finite(t)
