@@ -269,6 +269,29 @@ def lora_text(entries: list[Mapping[str, Any]], name_of: Callable[[str], str] = 
     return "\n".join(lines)
 
 
+def parse_key_ratios(text: str | None) -> dict[str, float]:
+    """The tab's per-key field: `REGEX=RATIO` a line (split at the last '='), in order (the last match wins)."""
+    out: dict[str, float] = {}
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        pattern, sep, value = line.rpartition("=")
+        if not sep or not pattern.strip():
+            raise RecipeError(f"per-key ratio {line!r}: expected REGEX=RATIO")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise RecipeError(f"per-key ratio {line!r}: {value.strip()!r} is not a number") from None
+        out.pop(pattern.strip(), None)
+        out[pattern.strip()] = ratio
+    return out
+
+
+def key_ratios_text(key: Mapping[str, float] | None) -> str:
+    return "\n".join(f"{p}={_short(float(v))}" for p, v in (key or {}).items())
+
+
 def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
                      widgets: list[ParamWidget] | None = None,
                      resolve_lora: Callable[[str], str] | None = None) -> Recipe:
@@ -319,6 +342,7 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
         alpha=alpha,
         blocks=blocks,
         block=named,
+        key=parse_key_ratios(form.get("key_ratios")),
         params=params,
         weights=_weights(form.get("weights")),
         seed=seed,
@@ -418,6 +442,8 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
         extras = set(extra_blocks(arch))
         named = {k: v for k, v in named.items() if k.upper() in set(all_blocks(arch)) | extras}
     values["extra_blocks"] = named_blocks_text(named)
+    key = record.get("key") if isinstance(record.get("key"), Mapping) else {}
+    values["key_ratios"] = key_ratios_text({k: v for k, v in key.items() if isinstance(v, (int, float))})
     params = record.get("params") or {}
     widgets = {w.name: w for w in param_widgets() if method.name in w.defaults}
     for name, value in params.items():

@@ -181,6 +181,10 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                 with gr.Column():
                     for b in right:
                         add(block_field(b), _ratio_slider(b, 0.5, block_field(b), visible=b in shown))
+            add("key_ratios", component(gr.Textbox, value="", lines=2, label="Per-key ratios",
+                                        info="REGEX=ratio, one a line, on top of the block ratios (the last match "
+                                             "wins): e.g. cond_stage_model=0 keeps A's text encoder",
+                                        placeholder="cond_stage_model=0", elem_id=ELEM_PREFIX + "key_ratios"))
 
         # ---- LoRAs -------------------------------------------------------------------------------------
         with component(gr.Accordion, label="LoRAs (baked into the result)", open=False,

@@ -1,5 +1,6 @@
-"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``LoRA strength`` and ``preset``
-for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's recipe made from them.
+"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``key ratio``, ``LoRA strength``
+and ``preset`` for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's
+recipe made from them.
 
 Host facts this relies on (read from the hosts' own sources):
 
@@ -56,6 +57,9 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
         recipe.blocks = overrides["preset"]
     if "block" in overrides:
         recipe.block = {**recipe.block, **overrides["block"]}
+    if "key" in overrides:  # the axis's pattern moves last, so it wins
+        key = {k: v for k, v in recipe.key.items() if k not in overrides["key"]}
+        recipe.key = {**key, **overrides["key"]}
     if "lora_strength" in overrides:
         if not recipe.loras:
             raise RecipeError("the LoRA strength axis needs a recipe with a LoRA (the tab's LoRA field)")
@@ -83,8 +87,8 @@ def find_xyz_module(scripts_module):
 
 def _with_override(p, key: str, value: Any) -> None:
     old = getattr(p, OVERRIDES_ATTR, None) or {}
-    if key == "block":
-        value = {**old.get("block", {}), **value}
+    if key in ("block", "key"):
+        value = {**old.get(key, {}), **value}
     setattr(p, OVERRIDES_ATTR, {**old, key: value})
 
 
@@ -98,7 +102,7 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
             for x in xs:
                 recipe = backend.xyz_recipe_for({key: convert(x)})
                 recipe.validate()
-                if key in ("block", "preset"):
+                if key in ("block", "preset", "key"):  # checked against the models' keys
                     plan = prepare(recipe, hash_inputs=False)
                     plan.close()
         return confirm
@@ -121,6 +125,18 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
     axes.append(AxisOption(AXIS_PREFIX + "method", str, lambda p, x, xs: _with_override(p, "method", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("method"), cost=1.0,
                            choices=lambda: methods.method_names()))
+    def key_value(x: str) -> dict[str, float]:
+        pattern, sep, value = str(x).rpartition("=")
+        if not sep or not pattern.strip():
+            raise RecipeError(f"a key ratio axis value is REGEX=RATIO, got {x!r}")
+        try:
+            return {pattern.strip(): ratio_check(pattern.strip(), float(value))}
+        except ValueError:
+            raise RecipeError(f"key ratio {x!r}: {value!r} is not a number") from None
+
+    axes.append(AxisOption(AXIS_PREFIX + "key ratio (REGEX=X)", str,
+                           lambda p, x, xs: _with_override(p, "key", key_value(x)),
+                           format_value=lambda p, opt, x: str(x), confirm=confirm_with("key", key_value), cost=1.0))
     # every LoRA of the recipe at this strength (one merge per value, as for α)
     axes.append(AxisOption(AXIS_PREFIX + "LoRA strength", float,
                            lambda p, x, xs: _with_override(p, "lora_strength", x),

@@ -16,6 +16,14 @@ from merge_lab.engine.recipe import (
 from merge_lab.errors import RecipeError
 
 
+def _pattern_value(text: str) -> tuple[str, str]:
+    """REGEX=X, split at the last '=' (a regex may hold one)."""
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected REGEX=RATIO, got {text!r}")
+    return pattern, value.strip()
+
+
 def _name_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -37,6 +45,10 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
                                     "(BASE, IN.., M00, OUT..), or a preset name")
     p.add_argument("--block", action="append", type=_name_value, metavar="NAME=X",
                    help="one block's ratio (IN04, M00, OUT11, TIME, OUT, VAE, TE1, TE2, BASE); repeatable")
+    p.add_argument("--key", action="append", type=_pattern_value, metavar="REGEX=X",
+                   help="elemental ratio: every merged key whose name the regex matches gets ratio X, on top of the "
+                        "block ratios (e.g. 'cond_stage_model=0': the text encoder from A); repeatable, the last "
+                        "match wins")
     p.add_argument("--param", action="append", type=_name_value, metavar="NAME=VALUE",
                    help="method hyper-parameter; repeatable")
     p.add_argument("--weights", help="comma-separated per-model weights; in task-vector methods a negative "
@@ -103,6 +115,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             setattr(recipe, name, value)
     if getattr(args, "block", None):
         recipe.block = {**recipe.block, **{k: _float(k, v) for k, v in args.block}}
+    if getattr(args, "key", None):
+        key = dict(recipe.key)
+        for pattern, value in args.key:
+            key.pop(pattern, None)  # given again: it moves last, so it wins
+            key[pattern] = _float(f"--key {pattern}", value)
+        recipe.key = key
     if getattr(args, "param", None):
         recipe.params = {**recipe.params, **dict(args.param)}
     if getattr(args, "weights", None):

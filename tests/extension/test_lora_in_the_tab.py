@@ -111,3 +111,41 @@ def test_the_xyz_lora_strength_axis(folders):
     assert cell.loras[0]["strength"] == 0.25 and base.loras[0]["strength"] == 1.0
     with pytest.raises(RecipeError, match="needs a recipe with a LoRA"):
         apply_overrides(Recipe(models=base.models), {"lora_strength": 0.5})
+
+
+def test_per_key_ratios_in_the_tab_and_the_xyz_axis(folders):
+    from merge_lab.engine import Recipe
+    from merge_lab_extension.backend import FolderBackend
+    from merge_lab_extension.controller import TabController
+    from merge_lab_extension.form import key_ratios_text, parse_key_ratios
+    from merge_lab_extension.xyz_axes import AXIS_PREFIX, apply_overrides, xyz_axes
+
+    assert parse_key_ratios("cond_stage_model=0\n\nattn=a=1\nx=0.5\ncond_stage_model=0.2") == {
+        "attn=a": 1.0, "x": 0.5, "cond_stage_model": 0.2}  # split at the last '='; given again: moves last
+    with pytest.raises(RecipeError, match="not a number"):
+        parse_key_ratios("attn=high")
+    assert key_ratios_text({"a": 0.5, "b": 1.0}) == "a=0.5\nb=1"
+    models, loras, names = folders
+    controller = TabController(FolderBackend([models], lora_folders=[loras]))
+    form = {"models": names, "method": "weighted_sum", "alpha": 0.5, "key_ratios": "cond_stage_model=0",
+            "out_name": "keyed", "recipe_metadata": True, "overwrite": False}
+    out = controller.merge(form)
+    assert "error" not in out["status"], out["status"]
+    a, m = read_all(models / names[0]), read_all(models / "keyed.safetensors")
+    assert all(torch.equal(m[k], a[k]) for k in a if k.startswith("cond_stage_model."))
+    assert controller.load_recipe("keyed.safetensors")["key_ratios"] == "cond_stage_model=0"
+
+    class AxisOption:
+        def __init__(self, label, type, apply, **kw):
+            self.label, self.apply = label, apply
+
+    axis = next(a for a in xyz_axes(None, AxisOption) if a.label == f"{AXIS_PREFIX}key ratio (REGEX=X)")
+
+    class P:
+        pass
+
+    p = P()
+    axis.apply(p, "attn=0.25", [])
+    base = Recipe(models=[str(models / n) for n in names], key={"attn": 1.0, "ff": 0.3})
+    cell = apply_overrides(base, p.merge_lab_overrides)
+    assert list(cell.key.items()) == [("ff", 0.3), ("attn", 0.25)]
