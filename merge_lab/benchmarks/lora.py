@@ -79,9 +79,8 @@ def worker(variant: str, spec: dict, out: str) -> None:
 
 
 def run_lora_bench(arch: str, reps: int, extract_rank: int | None, folder: Path | None, json_out: str | None,
-                   env: dict, width: int | None = None) -> int:
-    from merge_lab.cli.tables import format_table
-
+                   env: dict, width: int | None = None, *, format_table) -> int:
+    """Run and print the LoRA bench; `format_table(headers, rows)` is the CLI's (benchmarks sit below it)."""
     base, (ft,) = ensure_checkpoints(arch, 1, folder, width=width)
     lora = ensure_lora(arch, base)
     out_dir = base.parent / "lora-out"

@@ -154,7 +154,8 @@ def run(args) -> int:
         folder = Path(args.dir) if args.dir else None
         _check_free_disk(folder, args.arch, 1, args.width)
         env = dict(os.environ, MERGE_LAB_CACHE=str(bench_dir() / "hash-cache"), PYTHONUNBUFFERED="1")
-        return run_lora_bench(args.arch, args.reps, args.extract_rank, folder, args.json, env, args.width)
+        return run_lora_bench(args.arch, args.reps, args.extract_rank, folder, args.json, env, args.width,
+                              format_table=format_table)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rss_counts = [int(x) for x in args.rss_models.split(",") if x.strip()]
     need = max([args.models, 2, *rss_counts])
