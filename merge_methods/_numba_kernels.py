@@ -59,41 +59,55 @@ def _fma(typingctx, a, b, c):
     return types.float32(a, b, c), codegen
 
 
-def _e4m3fn_values() -> np.ndarray:
-    """The float32 value of every fp8 e4m3fn pattern (bias 7, 3 mantissa bits, no inf, S.1111.111 NaN)."""
-    out = np.empty(256, np.float32)
-    for bits in range(256):
-        sign = -1.0 if bits & 0x80 else 1.0
-        exponent, mantissa = (bits >> 3) & 0xF, bits & 0x7
-        if exponent == 0xF and mantissa == 0x7:
-            out[bits] = np.nan
-        elif exponent == 0:
-            out[bits] = sign * mantissa * 2.0 ** -9
-        else:
-            out[bits] = sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
-    return out
-
-
-# a global array is a constant of the compiled code
-E4M3FN_VALUES = _e4m3fn_values()
 E4M3FN_MAX = np.float32(448.0)
 E5M2_MAX = np.float32(57344.0)
+
+
+# 1.5 · 2^23: x + ROUNDER − ROUNDER rounds a float32 0 ≤ x < 2^22 to an integer, nearest even (the FPU's own
+# rounding; LLVM keeps it without fastmath), so the subnormal case needs no call and no branch.
+ROUNDER = np.float32(12582912.0)
+
+
+@njit(inline="always")
+def _select(condition, if_true, if_false):
+    """condition ? if_true : if_false over uint32 bits, as arithmetic: a ternary is control flow to numba
+    (which also mis-scopes it when inlined), and a branch per element keeps LLVM from vectorizing."""
+    mask = types.uint32(0) - types.uint32(condition)
+    return (types.uint32(if_true) & mask) | (types.uint32(if_false) & ~mask)
 
 
 @njit(inline="always")
 def _encode_fp8(value, limit, mantissa_bits, bias, least_normal, subnormal_scale):
     """float32 → the bits of an fp8 format with mantissa_bits and bias, as the engine's to_output_dtype does:
-    saturated at ±limit (inf too), then rounded to nearest, ties to even. NaN is not encoded here."""
+    saturated at ±limit (inf too), then rounded to nearest, ties to even; NaN as S.1111111 (e4m3fn's NaN;
+    for e5m2 a NaN too). Both the normal and the subnormal case are computed and one selected, so LLVM
+    vectorizes the loops that store fp8."""
     word = _float_to_bits(value)
-    sign = types.uint32((word >> types.uint32(24)) & types.uint32(0x80))
-    a = min(abs(value), limit)
-    if a < least_normal:  # subnormal (or rounding up to the least normal): m · 2^(1-bias-mb)
-        return sign | types.uint32(np.rint(a * subnormal_scale))
+    sign = (word >> types.uint32(24)) & types.uint32(0x80)
+    magnitude = abs(value)
+    below_limit = magnitude < limit  # False for NaN and ±inf (saturated; NaN replaced at the end)
+    a = _bits_to_float(_select(below_limit, _float_to_bits(magnitude), _float_to_bits(limit)))
+    # subnormal (or rounding up to the least normal): m · 2^(1-bias-mb), rounded by the FPU
+    subnormal = types.uint32(types.int32((a * subnormal_scale + ROUNDER) - ROUNDER))
     w = _float_to_bits(a)
     shift = types.uint32(23 - mantissa_bits)
     w = w + ((types.uint32(1) << (shift - types.uint32(1))) - types.uint32(1)) + ((w >> shift) & types.uint32(1))
-    exponent = (w >> types.uint32(23)) - types.uint32(127 - bias)
-    return sign | (exponent << types.uint32(mantissa_bits)) | ((w >> shift) & types.uint32((1 << mantissa_bits) - 1))
+    exponent = (w >> types.uint32(23)) - types.uint32(127 - bias)  # wraps below the normals: not selected
+    normal = (exponent << types.uint32(mantissa_bits)) | ((w >> shift) & types.uint32((1 << mantissa_bits) - 1))
+    bits = sign | _select(a < least_normal, subnormal, normal)
+    return _select(value != value, types.uint32(0x7F), bits)
+
+
+@njit(inline="always")
+def _decode_e4m3fn(bits):
+    """fp8 e4m3fn bits → float32 by arithmetic (a table lookup is a gather, which does not vectorize):
+    S.EEEE.MMM is 2^(E−7)·(1 + M/8) for E > 0, M·2^−9 for E = 0, NaN for S.1111.111 (no inf)."""
+    x = types.uint32(bits) & types.uint32(0x7F)
+    normal = (x << types.uint32(20)) + types.uint32(120 << 23)
+    subnormal = _float_to_bits(np.float32(types.int32(x)) * np.float32(2.0 ** -9))
+    magnitude = _select(x == types.uint32(0x7F), types.uint32(0x7FC00000),
+                        _select(x < types.uint32(8), subnormal, normal))
+    return _bits_to_float(magnitude | ((types.uint32(bits) & types.uint32(0x80)) << types.uint32(24)))
 
 
 def load(array, i):
@@ -108,8 +122,8 @@ def _load(array, i):
         return lambda array, i: _bits_to_float(types.uint32(types.uint16(array[i])) << types.uint32(16))
     if array.dtype == types.float32:
         return lambda array, i: array[i]
-    if array.dtype == types.uint8:  # fp8 e4m3fn: a table of its 256 values
-        return lambda array, i: E4M3FN_VALUES[array[i]]
+    if array.dtype == types.uint8:  # fp8 e4m3fn
+        return lambda array, i: _decode_e4m3fn(array[i])
     if array.dtype == types.int8:  # fp8 e5m2: the upper byte of an fp16
         return lambda array, i: _half_to_float(types.uint16(types.uint8(array[i])) << types.uint16(8))
     return None
@@ -147,20 +161,14 @@ def _store(array, i, value):
         return fp32
     if array.dtype == types.uint8:
         def e4m3fn(array, i, value):
-            if value != value:
-                array[i] = types.uint8(0x7F)
-                return True
             array[i] = types.uint8(_encode_fp8(value, E4M3FN_MAX, 3, 7, np.float32(2.0 ** -6), np.float32(512.0)))
-            return False
+            return value != value
         return e4m3fn
     if array.dtype == types.int8:
         def e5m2(array, i, value):
-            if value != value:
-                array[i] = types.int8(0x7F)
-                return True
             array[i] = types.int8(types.uint8(_encode_fp8(value, E5M2_MAX, 2, 15, np.float32(2.0 ** -14),
                                                          np.float32(65536.0))))
-            return False
+            return value != value
         return e5m2
     return None
 
@@ -229,15 +237,18 @@ def gram(models, base, out):
     n = len(models)
     size = base.size
     scratch = np.empty((n, BLOCK), np.float32)
+    base_block = np.empty(BLOCK, np.float32)
     for start in range(0, size, BLOCK):
         stop = min(start + BLOCK, size)
         # the task vectors of this block (written here, not in a helper: a call per block that takes the
-        # 2-D scratch ran at half the speed)
+        # 2-D scratch ran at half the speed); the base converted once per block, not once per model
+        for i in range(start, stop):
+            base_block[i - start] = load(base, i)
         for m in range(n):
             x = models[m]
             row = scratch[m]
             for i in range(start, stop):
-                row[i - start] = load(x, i) - load(base, i)
+                row[i - start] = load(x, i) - base_block[i - start]
         for i in range(n):
             for j in range(i, n):
                 out[i, j] += _dot(scratch[i], scratch[j], stop - start)
