@@ -242,13 +242,17 @@ def gram(models, base, out):
         stop = min(start + BLOCK, size)
         # the task vectors of this block (written here, not in a helper: a call per block that takes the
         # 2-D scratch ran at half the speed); the base converted once per block, not once per model
-        for i in range(start, stop):
-            base_block[i - start] = load(base, i)
+        # (indices from 0 into block views: numba cannot prove `i - start` non-negative and wraps it, which
+        # keeps LLVM from vectorizing the loop: 2.6x slower)
+        width = stop - start
+        part = base[start:stop]
+        for i in range(width):
+            base_block[i] = load(part, i)
         for m in range(n):
-            x = models[m]
+            x = models[m][start:stop]
             row = scratch[m]
-            for i in range(start, stop):
-                row[i - start] = load(x, i) - base_block[i - start]
+            for i in range(width):
+                row[i] = load(x, i) - base_block[i]
         for i in range(n):
             for j in range(i, n):
                 out[i, j] += _dot(scratch[i], scratch[j], stop - start)

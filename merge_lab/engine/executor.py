@@ -217,7 +217,8 @@ class Executor(Loader):
         plan = self.plan
         writable = self._owns_converted(raws)
         sums: dict = {}
-        for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape)):
+        compiled = self._raw_slice(plan.method.compiled.statistics, raws, None) is not None
+        for rows in self._slices(tuple(raws[0].shape), whole=plan.method.keeps_whole(task.shape), compiled=compiled):
             offset = first_row + (rows[0] if rows else 0)
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage,
                                       wants_partial=partials is not None)
@@ -304,9 +305,12 @@ class Executor(Loader):
                 if optimistic and not all(_all_finite(v) for v in stats.values()) and not raws.check_finite():
                     partials = None
                     stats = self._in_memory_statistics(task, raws, first_row)
-            slices = list(self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape)))
-            if partials is not None and (len(partials) != len(slices) or any(p is None for p in partials)):
+            if partials is not None and any(p is None for p in partials):
                 partials = None  # the method did not give one for every slice: merge from the inputs
+            compiled = partials is None and self._raw_slice(method.compiled.merge, raws, None) is not None
+            slices = list(self._slices(tuple(raws[0].shape), whole=method.keeps_whole(task.shape), compiled=compiled))
+            if partials is not None and len(partials) != len(slices):
+                partials = None
             out = torch.empty(raws[0].shape, dtype=out_dtype, pin_memory=self.pin)
             for index, rows in enumerate(slices):
                 offset = first_row + (rows[0] if rows else 0)
