@@ -33,6 +33,7 @@ from merge_lab.errors import CheckpointError, MergeCancelled, MergeLabError, Rec
 from merge_lab.io.hashing import autov2, remember_sha256
 from merge_lab.io.header import DTYPES
 from merge_lab.io.writer import EXISTS_MESSAGE, SafetensorsWriter
+from merge_lab_methods.kernels import compiled as compiled_kernels
 
 
 def to_output_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,11 +181,11 @@ class Executor(Loader):
 
     def _raw_slice(self, kernel, raws: RawInputs, rows):
         """(models, base) of one slice as the files hold them, for a method's compiled form `kernel`; None
-        when it has none or cannot take them: not on the CPU, not in float32, or inputs that a NaN/inf
-        policy must first rewrite (those take the torch form, which applies it)."""
+        when it has none or cannot take them: kernels off or missing, not on the CPU, not in float32, or
+        inputs that a NaN/inf policy must first rewrite (those take the torch form, which applies it)."""
         plan = self.plan
         if (kernel is None or plan.device.type != "cpu" or plan.compute_dtype != torch.float32
-                or not getattr(raws, "finite", False)):
+                or not getattr(raws, "finite", False) or compiled_kernels() is None):
             return None
         parts = [r if rows is None else r[rows[0]:rows[1]] for r in raws]
         if not plan.base:  # a method without a base (weighted sum) gets None; one whose base is a model, no kernel
