@@ -35,6 +35,9 @@ CASES = [
     ("tsd", {"combine": "geometric_median", "p": 0.2, "k": 0.5}, 3, True, None),  # trims: whole tensors
     ("task_arithmetic", {}, 2, True, [1.0, -1.0]),
     ("ties", {"k": 0.5}, 2, True, [-1.0, 0.5]),
+    ("iso_c", {}, 3, True, None),
+    ("iso_c", {}, 2, True, [1.0, 0.5]),
+    ("tsv_merge", {}, 3, True, None),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'defaults'}{'-base' if b else ''}"
        for m, p, _, b, _ in CASES]

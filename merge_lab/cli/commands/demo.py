@@ -65,6 +65,8 @@ def demo_recipes(arch: str, base: Path, fts: list[Path], out_dir: Path) -> list[
         ("nearswap", Recipe(models=[a], base=base, method="nearswap", alpha=1.0, out=out("nearswap"))),
         ("geometric_median", Recipe(models=[a, b, c], method="geometric_median", alpha=1.0,
                                     out=out("geometric_median"))),
+        ("iso_c", Recipe(**three, method="iso_c", alpha=0.5, out=out("iso_c"))),
+        ("tsv_merge", Recipe(**three, method="tsv_merge", alpha=1.0, out=out("tsv_merge"))),
     ]
 
 
