@@ -38,7 +38,12 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, *, alpha: float | None = No
         delta = torch.nn.functional.conv2d(down32.permute(1, 0, 2, 3), up32).permute(1, 0, 2, 3)
     else:
         delta = up32.flatten(1) @ down32.flatten(1)
-    delta = float(strength) * delta * scale
+    # in place, one multiply at a time (the same bits as strength · ΔW · scale, without two fresh copies of ΔW;
+    # a factor of 1 is exact and skipped)
+    if float(strength) != 1.0:
+        delta.mul_(float(strength))
+    if scale != 1.0:
+        delta.mul_(scale)
     return delta if shape is None else delta.reshape(shape)
 
 

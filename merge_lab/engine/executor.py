@@ -192,6 +192,14 @@ class Executor(Loader):
             return (parts, None) if plan.method.base == "never" else None
         return parts[: len(plan.models)], parts[len(plan.models)]
 
+    def _output_checked_instead(self, task: KeyTask) -> bool:
+        """A copied key that LoRAs change, under nonfinite=error: NaN/inf in the input would reach the output,
+        which is checked anyway, so the input is checked only when the output is not finite (one pass less
+        over the most common bake)."""
+        loras = self.plan.loras
+        return (task.action == "copy" and loras is not None and task.key in loras.patches
+                and self.plan.recipe.nonfinite == "error")
+
     def _check_finite_copy(self, task: KeyTask, tensor: torch.Tensor) -> torch.Tensor:
         """A copied key (never merged, or missing elsewhere) has one source: NaN/inf in it is an error, or
         0 under take-first and zero (the source is the first model that has it)."""
@@ -253,7 +261,11 @@ class Executor(Loader):
         if loras is not None and task.key in loras.patches:
             # the LoRAs on the result as written (merge, then bake: the same bytes as the two steps)
             out_dtype = DTYPES[task.out_dtype]
-            return self._check_result(to_output_dtype(loras.apply(task.key, merged, unit.rows), out_dtype), task)
+            out = to_output_dtype(loras.apply(task.key, merged, unit.rows), out_dtype)
+            if self._output_checked_instead(task) and not _all_finite(out):
+                # the copied input was not checked: NaN/inf there is named as such, else the result is
+                self._check_finite_copy(task, self.plan.inputs[task.source].reader.read(task.key, unit.rows))
+            return self._check_result(out, task)
         if task.channels is None:
             return merged
         # A's other input channels, as they are but for the output dtype, around the merged latent ones
@@ -267,7 +279,9 @@ class Executor(Loader):
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
         if task.action == "copy":
-            t = self._check_finite_copy(task, plan.inputs[task.source].reader.read(task.key, unit.rows))
+            t = plan.inputs[task.source].reader.read(task.key, unit.rows)
+            if not self._output_checked_instead(task):
+                t = self._check_finite_copy(task, t)
             out = to_output_dtype(t, out_dtype)
             if out is not t and not _all_finite(out):
                 raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "

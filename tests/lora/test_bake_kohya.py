@@ -230,3 +230,23 @@ def test_a_checkpoint_given_as_lora_is_refused(sd1_family, tmp_path, run_cli):
     code, _, err = run_cli("lora", "bake", "--model", sd1_family[0], "--lora", sd1_family[1][0], "--out",
                            tmp_path / "o.safetensors")
     assert code == 2 and "not a part of any LoRA" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nan_in_a_baked_key_of_the_model_is_named(sd1_family, tmp_path, run_cli):
+    """The input of a key a LoRA changes is checked only when the baked result is not finite (one pass less):
+    NaN there is still the model's NaN, named with the model and the key, and no output is written."""
+    from safetensors.torch import save_file
+
+    base, _ = sd1_family
+    state = read_all(base)
+    name, key = next(iter(SD1_MODULES.items()))
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, broken)
+    lora = tmp_path / "l.safetensors"
+    build_kohya({name: key}, shapes_of(broken), lora)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli("lora", "bake", "--model", broken, "--lora", f"{lora}:0.5", "--out", out, "--no-progress")
+    assert code != 0 and "broken.safetensors" in err and key in err and "NaN" in err, err
+    assert not out.exists()
