@@ -121,6 +121,18 @@ class Backend:
         folders = self.lora_folders()
         return resolve_in_folders(name, folders, scan_folders(folders), what="LoRA")
 
+    def vae_folders(self) -> list[str]:
+        """Where the standalone VAE files a recipe bakes are looked up (the host's VAE folder)."""
+        return []
+
+    def vae_names(self) -> list[str]:
+        return list(scan_folders(self.vae_folders()))
+
+    def resolve_vae(self, name: str) -> str:
+        """The VAE file a user-given name means: a listed name, or a path inside the VAE folders."""
+        folders = self.vae_folders()
+        return resolve_in_folders(name, folders, scan_folders(folders), what="VAE")
+
     def after_save(self, path: str, sources: Sequence[str] = ()) -> None:
         """Called after a merge was written from `sources` (its input paths, first model first): the model's
         config goes beside it and the model list is refreshed."""
@@ -161,6 +173,11 @@ class FolderBackend(Backend):
 
     def lora_folders(self) -> list[str]:
         return list(self._lora_folders)
+
+    def vae_folders(self) -> list[str]:
+        # the model folders' VAE subfolders (A1111's models/VAE beside models/Stable-diffusion), then the
+        # model folders themselves
+        return [*(os.path.join(os.path.dirname(f), "VAE") for f in self.folders), *self.folders]
 
     def model_names(self, refresh: bool = False) -> list[str]:
         if refresh or not self._listed:

@@ -47,7 +47,8 @@ GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=..
 # The form fields every recipe-building handler reads, in this order: these, the block sliders of every
 # registered architecture after "use_blocks", then the method parameters (TabController.recipe_fields).
 RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", "extra_blocks", "key_ratios", "arch",
-                 "loras", "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite"]
+                 "loras", "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite",
+                 "vae", "discard", "prune"]
 SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
 PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
 
@@ -75,7 +76,8 @@ class TabController:
         return methods.method_names()
 
     def recipe(self, form: Mapping[str, Any]) -> Recipe:
-        return recipe_from_form(form, self.backend.resolve_model, self.widgets, self.backend.resolve_lora)
+        return recipe_from_form(form, self.backend.resolve_model, self.widgets, self.backend.resolve_lora,
+                                self.backend.resolve_vae)
 
     def lora_picked(self, name: str | None, text: str | None) -> dict[str, Any]:
         """A LoRA chosen in the list goes into the LoRA field at strength 1 (once)."""
@@ -327,7 +329,7 @@ class TabController:
                 merged_models = json.loads(header.metadata.get("sd_merge_models") or "{}")
             except ValueError:
                 raise RecipeError("sd_merge_recipe is not valid JSON", path=source) from None
-            values, notes = form_from_record(record, self._find_listed, merged_models)
+            values, notes = form_from_record(record, self._find_listed, merged_models, self._find_vae)
         except MergeLabError as e:
             return {"status": f"error: {_one_line(e)}"}
         method = methods.get_method(values["method"])
@@ -352,6 +354,11 @@ class TabController:
             return name
         base = os.path.basename(name)
         return next((n for n in names if os.path.basename(n) == base), None)
+
+    def _find_vae(self, name: str) -> str | None:
+        names = self.backend.vae_names()
+        base = os.path.basename(name)
+        return name if name in names else next((n for n in names if os.path.basename(n) == base), None)
 
     def use_for_xyz(self, form: Mapping[str, Any]) -> dict[str, Any]:
         try:

@@ -29,6 +29,7 @@ from merge_lab.errors import RecipeError
 
 AUTO = "auto"
 NO_BASE = "(none)"
+NO_VAE = "(the merge's own)"
 DEFAULT_ARCH = "sd1"  # the sliders shown before any model is chosen
 
 
@@ -292,9 +293,15 @@ def key_ratios_text(key: Mapping[str, float] | None) -> str:
     return "\n".join(f"{p}={_short(float(v))}" for p, v in (key or {}).items())
 
 
+def parse_patterns(text: str | None) -> list[str]:
+    """Key regexes, one a line (the discard field); blank lines skipped. Checked by the recipe."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
 def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
                      widgets: list[ParamWidget] | None = None,
-                     resolve_lora: Callable[[str], str] | None = None) -> Recipe:
+                     resolve_lora: Callable[[str], str] | None = None,
+                     resolve_vae: Callable[[str], str] | None = None) -> Recipe:
     """The Recipe the form describes; model names are turned into paths by `resolve` (which refuses
     anything outside the model folders), LoRA names by `resolve_lora`. Raises a one-line RecipeError on
     bad input."""
@@ -352,7 +359,14 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
         missing=form.get("missing") or "error",
         nonfinite=form.get("nonfinite") or "error",
         memory_budget=memory,
+        prune=bool(form.get("prune")),
+        discard=parse_patterns(form.get("discard")),
     )
+    vae = form.get("vae")
+    if vae and vae != NO_VAE:
+        if resolve_vae is None:
+            raise RecipeError("VAE files cannot be looked up here (no VAE folder)")
+        recipe.vae = resolve_vae(vae)
     loras = parse_lora_text(form.get("loras"))
     if loras:
         if resolve_lora is None:
@@ -386,7 +400,8 @@ CHOICES = {
 
 
 def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str | None],
-                     merged_models: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+                     merged_models: Mapping[str, Any] | None = None,
+                     vae_name: Callable[[str], str | None] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Form values from a `sd_merge_recipe` record (ours, or the web UI's own merger's, whose models are
     named in `sd_merge_models` by hash); returns the values and notes for the user (models not found in
     the folders, fields that could not be used)."""
@@ -460,6 +475,13 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
     for name in ("precision", "missing", "nonfinite"):
         if record.get(name) in CHOICES[name]:
             values[name] = record[name]
+    values["prune"] = bool(record.get("prune"))
+    values["discard"] = "\n".join(p for p in record.get("discard") or [] if isinstance(p, str))
+    vae = record.get("vae") if isinstance(record.get("vae"), Mapping) else None
+    found = vae_name(vae.get("name", "")) if vae and vae_name is not None else None
+    if vae and found is None:
+        notes.append(f"VAE {vae.get('name')} is not in the VAE folders")
+    values["vae"] = found or NO_VAE
     return values, notes
 
 

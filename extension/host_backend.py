@@ -198,6 +198,16 @@ class HostBackend(Backend):
             folders.append(default)
         return folders
 
+    def vae_folders(self) -> list[str]:
+        """The host's VAE folder: `--vae-dir` (A1111, Forge), else models/VAE beside models/Stable-diffusion,
+        as modules/sd_vae.py looks there."""
+        vae_dir = getattr(getattr(self.shared, "cmd_opts", None), "vae_dir", None)
+        folders = [os.path.abspath(vae_dir)] if vae_dir else []
+        default = os.path.join(os.path.dirname(os.path.abspath(self.sd_models.model_path)), "VAE")
+        if default not in folders:
+            folders.append(default)
+        return folders
+
     def after_save(self, path: str, sources=()) -> None:
         place_config_beside(path, sources)
         self.model_names(refresh=True)

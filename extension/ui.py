@@ -28,6 +28,7 @@ from .form import (
     CHOICES,
     DEFAULT_ARCH,
     NO_BASE,
+    NO_VAE,
     block_field,
     default_alpha,
     slider_columns,
@@ -196,6 +197,19 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                                         "OUTALL, or a 17 / 12-value LoRA Block Weight or our block string)",
                                    placeholder="my-style.safetensors:0.7", elem_id=ELEM_PREFIX + "loras",
                                    scale=3))
+
+        # ---- the output's keys: a VAE baked in, keys left out (also one model's convert job) ---------------
+        with component(gr.Accordion, label="VAE and keys of the output", open=False,
+                       elem_id=ELEM_PREFIX + "output_keys"), gr.Row():
+            add("vae", component(gr.Dropdown, choices=[NO_VAE, *backend.vae_names()], value=NO_VAE,
+                                 label="Bake a VAE", info="a standalone VAE file (LDM or diffusers names) in place "
+                                 "of the result's own", elem_id=ELEM_PREFIX + "vae", scale=1))
+            add("discard", component(gr.Textbox, value="", lines=2, label="Discard keys",
+                                     info="REGEX, one a line: matching keys are left out", placeholder="^model_ema\\.",
+                                     elem_id=ELEM_PREFIX + "discard", scale=2))
+            add("prune", component(gr.Checkbox, value=False, label="Prune",
+                                   info="drop EMA copies and training leftovers", elem_id=ELEM_PREFIX + "prune",
+                                   scale=1))
 
         # ---- advanced -----------------------------------------------------------------------------------
         with component(gr.Accordion, label="Advanced", open=False, elem_id=ELEM_PREFIX + "advanced"):

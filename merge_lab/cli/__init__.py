@@ -14,7 +14,7 @@ import threading
 from merge_lab import __version__
 from merge_lab.errors import MergeLabError, one_line_path
 
-COMMANDS = ["info", "merge", "lora", "batch", "preview", "xyz", "methods", "presets", "analyze", "demo", "bench",
+COMMANDS = ["info", "merge", "convert", "lora", "batch", "preview", "xyz", "methods", "presets", "analyze", "demo", "bench",
             "setup_tokenizer", "ui"]
 
 

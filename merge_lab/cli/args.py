@@ -66,9 +66,23 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
                                                                "or copy it from the first model that has it")
     p.add_argument("--nonfinite", choices=NONFINITE_CHOICES, help="NaN/inf in an input: error (default), "
                                                                    "replace by the first model's value, or by 0")
+    add_output_arguments(p)
     add_lora_arguments(p)
     if include_out:
         p.add_argument("--out", help="output .safetensors file")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """What goes into the output besides the merged weights: a baked VAE, keys left out."""
+    g = p.add_argument_group("the output's keys")
+    g.add_argument("--vae", help="a standalone VAE file (LDM names as sd-vae-ft-mse / sdxl_vae ship, or diffusers "
+                                 "names) written in place of the result's VAE")
+    g.add_argument("--discard", action="append", metavar="REGEX",
+                   help="leave out the keys this regex matches (A1111's 'Discard weights with matching name'); "
+                        "repeatable")
+    g.add_argument("--keep", action="append", metavar="REGEX",
+                   help="write only the keys some --keep regex matches (e.g. '^model\\.diffusion_model\\.' for "
+                        "the UNet alone); repeatable, --discard still applies")
 
 
 def add_lora_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -131,6 +145,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise RecipeError("--lora-blocks without --lora")
     if getattr(args, "lora_unmatched", None):
         recipe.lora_unmatched = args.lora_unmatched
+    if getattr(args, "vae", None):
+        recipe.vae = args.vae
+    for name in ("discard", "keep"):
+        if getattr(args, name, None):
+            setattr(recipe, name, [*getattr(recipe, name), *getattr(args, name)])
     return recipe
 
 

@@ -98,6 +98,10 @@ class Unit:
 def _units(plan: MergePlan, first_task: int = 0):
     stages = plan.method.stages(plan.params, plan.compute_dtype)
     for task in plan.tasks[first_task:]:
+        if task.action in ("vae", "position_ids"):  # one small read (or none) from their own source
+            item = ITEMSIZE[plan.vae.reader.tensors[task.source_key].dtype if task.action == "vae" else "I64"]
+            yield Unit(task, None, task.numel * item, task.numel * (item + ITEMSIZE[task.out_dtype]))
+            continue
         sources = [plan.inputs[task.source]] if task.action == "copy" else plan.inputs
         item = ITEMSIZE[sources[0].reader.tensors[task.key].dtype]
         row = task.numel // task.shape[0] if task.shape and task.shape[0] else task.numel

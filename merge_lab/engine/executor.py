@@ -278,6 +278,18 @@ class Executor(Loader):
         plan = self.plan
         task = unit.task
         out_dtype = DTYPES[task.out_dtype]
+        if task.action == "position_ids":
+            return torch.arange(task.shape[-1], dtype=torch.int64).expand(task.shape).contiguous()
+        if task.action == "vae":
+            vae = plan.vae
+            t = vae.reader.read(task.source_key).reshape(task.shape)
+            if not _all_finite(t):
+                raise MergeLabError("NaN or inf in the VAE file", path=vae.path, key=task.source_key)
+            out = to_output_dtype(t, out_dtype)
+            if out is not t and not _all_finite(out):
+                raise MergeLabError(f"a value does not fit in {task.out_dtype} (it would become inf); use "
+                                    "--dtype fp32", path=vae.path, key=task.source_key)
+            return out
         if task.action == "copy":
             t = plan.inputs[task.source].reader.read(task.key, unit.rows)
             if not self._output_checked_instead(task):

@@ -58,6 +58,10 @@ def fingerprint(plan: MergePlan) -> str:
         "missing": r.missing,
         "nonfinite": r.nonfinite,
     }
+    if plan.vae is not None:
+        data["vae"] = ident(plan.vae)
+    if r.discard or r.keep:
+        data["discard"], data["keep"] = list(r.discard), list(r.keep)
     if plan.loras is not None:  # by content when hashed; the strengths and block weights as applied
         data["loras"] = [{"file": sha or os.path.realpath(spec.path), "strength": spec.strength,
                           "blocks": spec.blocks}
@@ -89,6 +93,8 @@ def build_metadata(plan: MergePlan, title: str) -> dict[str, str]:
             if f.metadata.get("ss_output_name"):
                 entry["ss_output_name"] = f.metadata["ss_output_name"]
             models.setdefault(sha, entry)
+    if plan.vae is not None and plan.hashes.get(plan.vae.path):
+        models.setdefault(plan.hashes[plan.vae.path], {"name": plan.vae.name, "type": "vae"})
     meta = {
         "format": "pt",
         "sd_merge_recipe": json.dumps(plan.recipe_record()),

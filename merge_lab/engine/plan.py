@@ -1,6 +1,7 @@
 """The plan of a merge: the recipe checked against the models' headers, and for every key whether it is merged
 (with its block's ratio, through merge_lab.archs), copied from one model or refused, and in which units of rows.
-`prepare` reads no tensor data.
+`prepare` reads no tensor data but the text encoders' position ids (77 integers each, checked for the known
+corruption).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class KeyTask:
     # channels A's values (A1111's run_modelmerger does the same).
     channels: int | None = None
     full_shape: tuple[int, ...] | None = None
+    # action "vae": the key of the plan's VAE file written here (reshaped to `shape`, a diffusers Linear to
+    # LDM's 1×1 convolution); action "position_ids": 0..N-1 written as int64 in place of the stored ids
+    source_key: str | None = None
 
     @property
     def numel(self) -> int:
@@ -89,13 +93,15 @@ class MergePlan:
     hashes: dict[str, str] = field(default_factory=dict)  # input path -> sha256
     fingerprint: str = ""
     loras: Any = None  # merge_lab.lora.LoraPlan: LoRAs baked into the result, or None
+    vae: Input | None = None  # the recipe's VAE file, written in place of the result's VAE
+    vae_format: str = ""  # its key naming: "ldm" or "diffusers"
 
     @property
     def inputs(self) -> list[Input]:
         return [*self.models, *([self.base] if self.base else [])]
 
     def close(self) -> None:
-        for inp in self.inputs:
+        for inp in [*self.inputs, *([self.vae] if self.vae else [])]:
             inp.reader.close()
         if self.loras is not None:
             self.loras.close()
@@ -132,6 +138,10 @@ class MergePlan:
             "missing": r.missing,
             "nonfinite": r.nonfinite,
             "loras": self.loras.records() if self.loras is not None else None,
+            "vae": ({"name": self.vae.name, "sha256": self.hashes.get(self.vae.path), "format": self.vae_format}
+                    if self.vae else None),
+            "discard": list(r.discard) or None,
+            "keep": list(r.keep) or None,
             "recipe_hash": self.fingerprint,
         }
         return {k: v for k, v in record.items() if v is not None}
@@ -181,10 +191,15 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True, notify=None) -> MergePl
         plan = MergePlan(recipe, arch, inputs, base, method, params, ratios, [], out_dtype, compute_dtype,
                          device, threads, budget)
         plan.tasks = _plan_tasks(plan)
+        if recipe.vae:
+            _plan_vae(plan, notify)
+        _plan_position_ids(plan, notify)
+        if recipe.discard or recipe.keep:
+            _filter_keys(plan, notify)
         if recipe.loras:
             _plan_loras(plan, hash_inputs, notify)
         if hash_inputs:
-            plan.hashes = _hash_inputs(all_inputs)
+            plan.hashes = _hash_inputs([*all_inputs, *([plan.vae] if plan.vae else [])])
         plan.fingerprint = fingerprint(plan)
         return plan
     except BaseException:
@@ -192,7 +207,102 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True, notify=None) -> MergePl
             inp.reader.close()
         if "plan" in locals() and plan.loras is not None:
             plan.loras.close()
+        if "plan" in locals() and plan.vae is not None:
+            plan.vae.reader.close()
         raise
+
+
+def _plan_vae(plan: MergePlan, notify) -> None:
+    """The recipe's VAE file in place of every key of the result's VAE: the same key set and shapes (a VAE of
+    another architecture, or a partial one, is refused naming the key), in LDM naming whatever the file's."""
+    from merge_lab.archs.vae_files import VaeFileError, ldm_names
+
+    path = plan.recipe.vae
+    first = plan.models[0]
+    prefix = dict(archs.get(plan.arch.arch).components).get("vae")
+    targets = {t.key: i for i, t in enumerate(plan.tasks) if prefix and t.key.startswith(prefix)}
+    if not targets:
+        raise RecipeError(f"has no VAE ({prefix or 'first_stage_model.'}*) to replace with {os.path.basename(path)}",
+                          path=first.path)
+    plan.vae = Input(path, open_checkpoint(path), "vae", -2)
+    tensors = plan.vae.reader.tensors
+    try:
+        names = ldm_names(tensors)
+    except VaeFileError as e:
+        raise MergeLabError(str(e), path=path, key=e.key) from None
+    plan.vae_format = names.format
+    for ldm, source in names.names.items():
+        target = prefix + ldm
+        info = tensors[source]
+        if target not in targets:
+            raise MergeLabError(f"has no counterpart {target} in {first.name} ({archs.get(plan.arch.arch).title}): "
+                                "a VAE of another architecture?", path=path, key=source)
+        task = plan.tasks[targets[target]]
+        shape = (*info.shape, 1, 1) if ldm in names.conv_1x1 and len(info.shape) == 2 else info.shape
+        if tuple(shape) != tuple(task.out_shape) or not info.is_float:
+            what = f"dtype {info.dtype} is not floating point" if not info.is_float else \
+                f"shape {list(info.shape)} does not fit {list(task.out_shape)} of {target} in {first.name}"
+            raise MergeLabError(what + " (a VAE of another architecture?)", path=path, key=source)
+        out_dtype = plan.out_dtype if plan.out_dtype != PER_KEY_DTYPE else info.dtype
+        plan.tasks[targets[target]] = KeyTask(target, task.out_shape, out_dtype, "vae", task.block,
+                                              source_key=source)
+    missing = [k for k in targets if plan.tasks[targets[k]].action != "vae"]
+    if missing:
+        raise MergeLabError(f"lacks {len(missing)} key(s) of {first.name}'s VAE, e.g. {missing[0]}: not a whole VAE",
+                            path=path)
+    if notify is not None:
+        dropped = f"; {len(names.dropped)} training key(s) (loss., model_ema.) left out" if names.dropped else ""
+        notify(f"VAE: {plan.vae.name} ({names.format} naming, {len(names.names)} keys) in place of "
+               f"{first.name}'s{dropped}")
+
+
+POSITION_IDS_SUFFIX = "embeddings.position_ids"
+
+
+def _plan_position_ids(plan: MergePlan, notify) -> None:
+    """CLIP's position ids are 0..N-1. Files passed through some old mergers hold them as floats that are not
+    (75.9998 for 76: a host that casts them to integers then reads position 75 twice): those, and any ids
+    not stored as those int64 values, are written as 0..N-1 in int64; a corruption is said."""
+    for i, task in enumerate(plan.tasks):
+        if task.action != "copy" or not task.key.endswith(POSITION_IDS_SUFFIX) or not task.shape:
+            continue
+        inp = plan.inputs[task.source]
+        stored = inp.reader.read(task.key)
+        expected = torch.arange(task.shape[-1], dtype=torch.int64).expand(task.shape)
+        if stored.dtype == torch.int64 and torch.equal(stored, expected):
+            continue
+        if stored.dtype == torch.bool or stored.is_complex():
+            continue  # not ids at all: left to the layout checks
+        off = float((stored.double() - expected.double()).abs().max()) if stored.numel() else 0.0
+        if off != 0 and notify is not None:
+            notify(f"{inp.name}: {task.key}: the position ids are not 0..{task.shape[-1] - 1} (off by up to "
+                   f"{off:.2g}, a known corruption of merged files); written as 0..{task.shape[-1] - 1}")
+        plan.tasks[i] = KeyTask(task.key, task.shape, "I64", "position_ids", task.block)
+
+
+def _filter_keys(plan: MergePlan, notify) -> None:
+    """Leave out the keys a `discard` regex matches, and with `keep`, those no `keep` regex matches. A pattern
+    that matches no key is an error (a typo would otherwise leave everything in)."""
+    r = plan.recipe
+    discard = [(p, compile_key_pattern(p)) for p in r.discard]
+    keep = [(p, compile_key_pattern(p)) for p in r.keep]
+    matched: set[str] = set()
+    kept = []
+    for task in plan.tasks:
+        hits = {p for p, rx in discard if rx.search(task.key)}
+        keeps = {p for p, rx in keep if rx.search(task.key)}
+        matched |= hits | {f"keep:{p}" for p in keeps}
+        if not hits and (not keep or keeps):
+            kept.append(task)
+    unmatched = [p for p, _ in discard if p not in matched] + [p for p, _ in keep if f"keep:{p}" not in matched]
+    if unmatched:
+        raise RecipeError(f"key pattern(s) {', '.join(map(repr, unmatched))} match no key of {plan.models[0].name}",
+                          path=plan.models[0].path)
+    if not kept:
+        raise RecipeError("the discard / keep patterns leave no key to write", path=plan.models[0].path)
+    if notify is not None and len(kept) < len(plan.tasks):
+        notify(f"{len(plan.tasks) - len(kept)} key(s) left out by the discard / keep patterns")
+    plan.tasks = kept
 
 
 def _plan_loras(plan: MergePlan, hash_files: bool, notify) -> None:

@@ -60,6 +60,12 @@ class Recipe:
     # LoRAs baked into the result in the same pass: [{path, strength, blocks}] (merge_lab.lora)
     loras: list[dict[str, Any]] = field(default_factory=list)
     lora_unmatched: str = "error"  # a LoRA module that matches no layer: "error" or "warn"
+    # a standalone VAE file (LDM or diffusers naming) written in place of the result's VAE
+    vae: str | None = None
+    # keys left out of the output: those a `discard` regex matches (A1111's "Discard weights with matching
+    # name"), and with `keep`, every key that no `keep` regex matches
+    discard: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
     out: str | None = None
 
     # ---- construction -------------------------------------------------------------------------------
@@ -74,8 +80,9 @@ class Recipe:
             raise RecipeError(f"unknown recipe field(s) {', '.join(unknown)} (valid: {', '.join(sorted(known))})",
                               path=source)
         data = dict(data)
-        if isinstance(data.get("models"), str):
-            data["models"] = [data["models"]]
+        for name in ("models", "discard", "keep"):
+            if isinstance(data.get(name), str):
+                data[name] = [data[name]]
         _check_types(data, source)
         recipe = cls(**copy.deepcopy(data))
         if base_dir is not None:
@@ -84,6 +91,8 @@ class Recipe:
                 recipe.base = _relative_to(recipe.base, base_dir)
             if recipe.out:
                 recipe.out = _relative_to(recipe.out, base_dir)
+            if recipe.vae:
+                recipe.vae = _relative_to(recipe.vae, base_dir)
             recipe.loras = [{**entry, "path": _relative_to(entry["path"], base_dir)} for entry in recipe.loras]
         return recipe
 
@@ -210,11 +219,16 @@ class Recipe:
         for entry in self.loras:
             if not os.path.isfile(entry["path"]):
                 raise RecipeError("LoRA file not found", path=entry["path"])
+        if self.vae and not os.path.isfile(self.vae):
+            raise RecipeError("VAE file not found", path=self.vae)
+        for pattern in [*self.discard, *self.keep]:
+            compile_key_pattern(pattern)
         if self.lora_unmatched not in LORA_UNMATCHED_CHOICES:
             raise RecipeError(f"lora_unmatched must be one of {', '.join(LORA_UNMATCHED_CHOICES)}, got "
                               f"{show(self.lora_unmatched)}")
         if self.out:
-            inputs = [*models, *([self.base] if self.base else []), *(e["path"] for e in self.loras)]
+            inputs = [*models, *([self.base] if self.base else []), *(e["path"] for e in self.loras),
+                      *([self.vae] if self.vae else [])]
             check_output_path(self.out, inputs)
 
 
@@ -299,6 +313,9 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
         type(v) is int and v > 0)),
     "loras": ("a list of {path, strength, blocks}", lambda v: isinstance(v, list) and all(map(_lora_entry, v))),
     "lora_unmatched": ("one of " + ", ".join(LORA_UNMATCHED_CHOICES), lambda v: v in LORA_UNMATCHED_CHOICES),
+    "vae": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
+    "discard": ("a list of key regexes", lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v)),
+    "keep": ("a list of key regexes", lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v)),
     "out": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
 }
 
