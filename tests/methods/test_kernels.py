@@ -279,9 +279,15 @@ def test_the_engine_merges_an_fp8_flux_file_with_the_kernels_to_the_torch_forms_
     fp8_keys = 0
     for key, want in reference.items():
         assert compiled[key].dtype == want.dtype
-        if method == "weighted_sum" or want.dtype != torch.float8_e4m3fn:
+        if method == "weighted_sum":
             assert torch.equal(_bits(compiled[key]), _bits(want)), key
-        else:  # t from the compiled Gram matrix: one fp8 step apart at most
+        elif want.dtype != torch.float8_e4m3fn:
+            # t from the compiled Gram matrix, whose vectorized sums round as the CPU's vector width orders
+            # them (an AVX2 EPYC flipped one bf16 step of one VAE element): one step apart at most
+            got = compiled[key]
+            torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0, msg=key)
+            assert (_bits(got) != _bits(want)).float().mean() < 0.01, key
+        else:  # the same, one fp8 step apart at most
             torch.testing.assert_close(compiled[key].float(), want.float(), rtol=0.13, atol=2 ** -9)
         fp8_keys += want.dtype == torch.float8_e4m3fn
     assert fp8_keys > 50
