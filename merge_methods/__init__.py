@@ -4,7 +4,7 @@ Every module here imports its siblings relatively, so the package works under wh
 loaded (see merge_lab/_own.py for why it is never imported as the generic ``merge_methods``).
 """
 
-from . import basic, drop, median, model_stock, sparse, spectral, sphere, task_vectors  # noqa: F401  (register the methods)
+from . import basic, drop, median, model_stock, sparse, spectral, sphere, supermerger, task_vectors  # noqa: F401  (register the methods)
 from .registry import (
     REGISTRY,
     Chunking,

@@ -156,6 +156,12 @@ class Statistics:
     # when per_block(params) is true: the engine then passes ctx.stats["block_gram"], the block's float64
     # Gram matrix of the task vectors.
     per_block: ParamsPredicate | None = None
+    # A statistic of the whole model, when model_wide_needed(params) is true (SuperMerger's cosineA / cosineB
+    # rescale every key's similarities by the range found over all keys): the engine first streams every
+    # merged key whole, calls model_wide(pairs, **params) once with an iterator of (models, base) in the
+    # compute dtype, and passes the dict it returns to every key as ctx.stats["model_wide"].
+    model_wide: Callable[..., dict[str, Any]] | None = None
+    model_wide_needed: ParamsPredicate | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,7 @@ CALLING_CONVENTIONS = {
     "fn": ("models", "base", "ratio", "ctx"),
     "statistics.fn": ("models", "base", "ctx"),
     "statistics.merge_from_partial": ("partial", "base", "ratio", "ctx"),
+    "statistics.model_wide": ("pairs",),
     "compiled.statistics": ("models", "base", "ctx"),
     "compiled.merge": ("models", "base", "out", "ratio", "ctx"),
 }
@@ -224,6 +231,7 @@ class MergeMethod:
         """The method's functions that take its declared parameters as keywords, by CALLING_CONVENTIONS name."""
         found = {"fn": self.fn, "statistics.fn": self.statistics.fn,
                  "statistics.merge_from_partial": self.statistics.merge_from_partial,
+                 "statistics.model_wide": self.statistics.model_wide,
                  "compiled.statistics": self.compiled.statistics, "compiled.merge": self.compiled.merge}
         return {what: fn for what, fn in found.items() if fn is not None}
 
@@ -264,6 +272,10 @@ class MergeMethod:
     def stages(self, params: Mapping[str, Any], dtype: torch.dtype) -> int:
         stages = self.statistics.stages
         return 1 if stages is None else int(stages(params, dtype))
+
+    def uses_model_wide_statistics(self, params: Mapping[str, Any]) -> bool:
+        needed = self.statistics.model_wide_needed
+        return self.statistics.model_wide is not None and (needed is None or bool(needed(params)))
 
     def uses_block_statistics(self, params: Mapping[str, Any]) -> bool:
         per_block = self.statistics.per_block

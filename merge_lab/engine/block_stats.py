@@ -117,3 +117,37 @@ def part_elements(unit: AnalysisUnit) -> int:
     if unit.rows is None:
         return task.numel
     return (unit.rows[1] - unit.rows[0]) * (task.numel // task.shape[0])
+
+
+def _merged_keys(plan: MergePlan) -> list[tuple[KeyTask, int]]:
+    """The merged keys of the plan with the input bytes each reads."""
+    return [(t, t.numel * sum(ITEMSIZE[inp.reader.tensors[t.key].dtype] for inp in plan.inputs))
+            for t in plan.tasks if t.action == "merge"]
+
+
+def model_wide_bytes(plan: MergePlan) -> int:
+    """The input bytes the model-wide pass reads (for the progress total)."""
+    return sum(size for _, size in _merged_keys(plan))
+
+
+def model_wide_statistics(plan: MergePlan, *, progress: ProgressFn | None = None,
+                          cancel: threading.Event | None = None, done: int = 0, total: int | None = None) -> dict:
+    """The method's model-wide statistic (Statistics.model_wide): every merged key read whole, in plan
+    order, converted to the compute dtype, handed to the method as one iterator of (models, base). One key
+    in memory at a time (the method keeps what it needs of each: SuperMerger's cosines keep one value per
+    column)."""
+    loader = Loader(plan)
+    keys = _merged_keys(plan)
+    total = total if total is not None else done + sum(size for _, size in keys)
+
+    def pairs():
+        read = done
+        for task, size in keys:
+            if cancel is not None and cancel.is_set():
+                raise MergeCancelled("cancelled; no output written")
+            yield loader._convert(task, loader._read_raw(task, None), None)
+            read += size
+            if progress is not None:
+                progress(read, total, task.key)
+
+    return plan.method.statistics.model_wide(pairs(), **plan.params)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import merge_lab_methods as methods
-from merge_lab.engine.block_stats import analysis_units, block_grams
+from merge_lab.engine.block_stats import analysis_units, block_grams, model_wide_bytes, model_wide_statistics
 from merge_lab.engine.chunking import MAX_UNITS_IN_FLIGHT, ProgressFn, Unit, _is_elementwise, _units
 from merge_lab.engine.loader import Loader, RawInputs, _all_finite, _nonfinite_message, _one_torch_thread
 from merge_lab.engine.metadata import RECIPE_METADATA_KEYS, build_metadata
@@ -124,6 +124,7 @@ class Executor(Loader):
         self.progress = progress
         self.cancel = cancel
         self.block_grams: dict[str, torch.Tensor] | None = None
+        self.model_wide: dict | None = None
 
     def run(self, sink: Callable[[str, torch.Tensor], None], first_task: int = 0) -> None:
         """Merge the plan's keys from `first_task` on (a resumed merge has written the ones before)."""
@@ -138,6 +139,14 @@ class Executor(Loader):
             total += done
             self.block_grams = block_grams(plan, units, progress=self.progress, cancel=self.cancel,
                                            total=total).grams
+        if plan.method.uses_model_wide_statistics(plan.params):
+            # A first pass over every merged key: the method's model-wide statistic (SuperMerger's cosine
+            # range), read whole key by key.
+            first = model_wide_bytes(plan)
+            total += first
+            self.model_wide = model_wide_statistics(plan, progress=self.progress, cancel=self.cancel,
+                                                    done=done, total=total)
+            done += first
         window: deque[tuple[Unit, Future]] = deque()
         held = 0  # memory of the units in the window
         stats: dict[str, KeyStatistics] = {}
@@ -216,6 +225,8 @@ class Executor(Loader):
         weights = tuple(self.plan.recipe.weights) if self.plan.recipe.weights is not None else None
         if self.block_grams is not None:
             stats = {**(stats or {}), "block_gram": self.block_grams[task.block]}
+        if self.model_wide is not None:
+            stats = {**(stats or {}), "model_wide": self.model_wide}
         return M.KeyContext(key=task.key, seed=self.plan.recipe.seed, shape=task.shape, offset=first_row * row,
                             weights=weights, stats=stats, inputs_writable=writable)
 

@@ -38,15 +38,31 @@ CASES = [
     ("iso_c", {}, 3, True, None),
     ("iso_c", {}, 2, True, [1.0, 0.5]),
     ("tsv_merge", {}, 3, True, None),
+    # SuperMerger's modes and sd-mecha's add-opposite merges (merge_methods/supermerger.py)
+    ("train_difference", {}, 3, False, None),
+    ("train_difference", {}, 2, True, None),
+    ("smooth_add", {}, 3, False, None),
+    ("add_opposite", {}, 3, False, None),
+    ("add_strict_opposite", {}, 2, True, None),
+    ("triple_sum", {"beta": 0.2}, 3, False, None),
+    ("sum_twice", {}, 2, True, None),
+    ("cosine_a", {}, 2, False, None),
+    ("cosine_b", {"sim_range": "params", "sim_min": 0.2, "sim_max": 0.99}, 2, False, None),
+    ("tensor_swap", {"beta": 0.1}, 2, False, None),
+    ("tensor_swap2", {"beta": 0.0}, 2, False, None),
+    ("extract", {}, 3, False, None),
+    ("extract", {"beta": 1.0, "gamma": 2.0}, 2, True, None),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items()) or 'defaults'}{'-base' if b else ''}"
        for m, p, _, b, _ in CASES]
 
 
-def direct(method, params, models, base, ratio, key, seed, weights):
-    """The method on whole float32 tensors, as the engine's plan would call it (no chunks, no statistics)."""
+def direct(method, params, models, base, ratio, key, seed, weights, model_wide=None):
+    """The method on whole float32 tensors, as the engine's plan would call it (no chunks, no statistics but
+    a model-wide one, given)."""
     ctx = M.KeyContext(key=key, seed=seed, shape=tuple(models[0].shape),
-                       weights=tuple(weights) if weights is not None else None)
+                       weights=tuple(weights) if weights is not None else None,
+                       stats=None if model_wide is None else {"model_wide": model_wide})
     full = {p.name: p.default for p in M.get_method(method).params} | params
     return M.get_method(method)(models, base, ratio, ctx, **full)
 
@@ -73,12 +89,19 @@ def test_merge_command_end_to_end(sd1_family, tmp_path, run_cli, method, params,
     # Every merged key of every rank (0-d, 1-D biases, 2-D, 4-D convolutions) against the method applied
     # directly to the whole float32 tensors; outputs are fp16 like the inputs.
     checked = changed = 0
+    model_wide = None
+    found = M.get_method(method)
+    full = {p.name: p.default for p in found.params} | params
+    if found.uses_model_wide_statistics(full):  # from every merged key of the inputs, as the engine's first pass
+        pairs = (([t[key].float() for t in T], B[key].float() if with_base else None)
+                 for key, first in T[0].items() if mergeable(key, first, "sd1"))
+        model_wide = found.statistics.model_wide(pairs, **full)
     for key, first in T[0].items():
         if not mergeable(key, first, "sd1"):
             assert torch.equal(merged[key], first), key
             continue
         expected = direct(method, params, [t[key].float() for t in T], B[key].float() if with_base else None,
-                          0.7, key, 3, weights)
+                          0.7, key, 3, weights, model_wide)
         torch.testing.assert_close(merged[key].float(), expected.half().float(), rtol=2e-3, atol=2e-3,
                                    msg=lambda m, key=key: f"{key}: {m}")
         checked += 1

@@ -67,6 +67,21 @@ def demo_recipes(arch: str, base: Path, fts: list[Path], out_dir: Path) -> list[
                                     out=out("geometric_median"))),
         ("iso_c", Recipe(**three, method="iso_c", alpha=0.5, out=out("iso_c"))),
         ("tsv_merge", Recipe(**three, method="tsv_merge", alpha=1.0, out=out("tsv_merge"))),
+        # SuperMerger's calc modes (A + mode(B, C): C the base)
+        ("train_difference", Recipe(models=[a, b], base=base, method="train_difference", alpha=1.0,
+                                    out=out("train_difference"))),
+        ("smooth_add", Recipe(models=[a, b], base=base, method="smooth_add", alpha=1.0, out=out("smooth_add"))),
+        ("cosine_a", Recipe(models=[a, c], method="cosine_a", alpha=0.5, out=out("cosine_a"))),
+        ("cosine_b", Recipe(models=[a, c], method="cosine_b", alpha=0.5, out=out("cosine_b"))),
+        ("tensor_swap", Recipe(models=[a, c], method="tensor_swap", alpha=0.5, out=out("tensor_swap"))),
+        ("tensor_swap2", Recipe(models=[a, c], method="tensor_swap2", alpha=0.5, out=out("tensor_swap2"))),
+        ("extract (similar)", Recipe(models=[a, b], base=base, method="extract", alpha=0.5, out=out("extract"))),
+        ("add_opposite", Recipe(models=[a, b], base=base, method="add_opposite", alpha=1.0,
+                                out=out("add_opposite"))),
+        ("add_strict_opposite", Recipe(models=[a, b], base=base, method="add_strict_opposite", alpha=1.0,
+                                       out=out("add_strict_opposite"))),
+        ("triple_sum", Recipe(models=[a, b, c], method="triple_sum", alpha=0.5, out=out("triple_sum"))),
+        ("sum_twice", Recipe(models=[a, b, c], method="sum_twice", alpha=0.5, out=out("sum_twice"))),
     ]
 
 
