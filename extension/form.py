@@ -24,6 +24,7 @@ from merge_lab.engine.recipe import (
     NONFINITE_CHOICES,
     PRECISION_CHOICES,
     Recipe,
+    adjust_values,
 )
 from merge_lab.errors import RecipeError
 
@@ -298,6 +299,24 @@ def parse_patterns(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+def parse_adjust_text(text: str | None) -> list[float] | None:
+    """The Adjust field: blank or all zeros is none (no change, nothing recorded), else exactly 8 numbers
+    (SuperMerger's IN,OUT,OUT2,Contrast,Brightness,COL1,COL2,COL3); a one-line RecipeError otherwise."""
+    if not (text or "").strip():
+        return None
+    values = adjust_values(text)
+    return values if any(v != 0 for v in values) else None
+
+
+def adjust_text(values) -> str:
+    """A record's `adjust` as the field's text ("" when none or not 8 numbers)."""
+    try:
+        numbers = adjust_values(values) if values is not None else None
+    except RecipeError:
+        return ""
+    return ",".join(_short(v) for v in numbers) if numbers and any(numbers) else ""
+
+
 def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
                      widgets: list[ParamWidget] | None = None,
                      resolve_lora: Callable[[str], str] | None = None,
@@ -361,6 +380,7 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
         memory_budget=memory,
         prune=bool(form.get("prune")),
         discard=parse_patterns(form.get("discard")),
+        adjust=parse_adjust_text(form.get("adjust")),
     )
     vae = form.get("vae")
     if vae and vae != NO_VAE:
@@ -477,6 +497,7 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
             values[name] = record[name]
     values["prune"] = bool(record.get("prune"))
     values["discard"] = "\n".join(p for p in record.get("discard") or [] if isinstance(p, str))
+    values["adjust"] = adjust_text(record.get("adjust"))
     vae = record.get("vae") if isinstance(record.get("vae"), Mapping) else None
     found = vae_name(vae.get("name", "")) if vae and vae_name is not None else None
     if vae and found is None:

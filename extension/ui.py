@@ -210,6 +210,13 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
             add("prune", component(gr.Checkbox, value=False, label="Prune",
                                    info="drop EMA copies and training leftovers", elem_id=ELEM_PREFIX + "prune",
                                    scale=1))
+        # ---- SuperMerger's Adjust: the UNet's first and last layers scaled / shifted after the merge ---------
+        with component(gr.Accordion, label="Adjust (SuperMerger's detail / colour)", open=False,
+                       elem_id=ELEM_PREFIX + "adjust_accordion"):
+            add("adjust", component(gr.Textbox, value="", lines=1, label="Adjust",
+                                    info="IN,OUT,OUT2,Contrast,Brightness,Cyan-Red,Magenta-Green,Yellow-Blue: 8 "
+                                    "values, SD1/SD2/SDXL only (detail -6..6, the others -10..10); blank or all 0: "
+                                    "no change", placeholder="0,0,0,0,0,0,0,0", elem_id=ELEM_PREFIX + "adjust"))
 
         # ---- advanced -----------------------------------------------------------------------------------
         with component(gr.Accordion, label="Advanced", open=False, elem_id=ELEM_PREFIX + "advanced"):

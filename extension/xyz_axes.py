@@ -1,5 +1,5 @@
-"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``key ratio``, ``LoRA strength``
-and ``preset`` for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's
+"""The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``key ratio``, ``LoRA strength``,
+``preset`` and ``adjust`` for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's
 recipe made from them.
 
 Host facts this relies on (read from the hosts' own sources):
@@ -22,7 +22,7 @@ import merge_lab_methods as methods
 from merge_lab import archs
 from merge_lab.archs.presets import presets
 from merge_lab.engine import prepare
-from merge_lab.engine.recipe import RATIO_RANGE, Recipe
+from merge_lab.engine.recipe import RATIO_RANGE, Recipe, adjust_values
 from merge_lab.errors import RecipeError
 
 from .host_detect import host_module
@@ -64,6 +64,8 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
         if not recipe.loras:
             raise RecipeError("the LoRA strength axis needs a recipe with a LoRA (the tab's LoRA field)")
         recipe.loras = [{**e, "strength": float(overrides["lora_strength"])} for e in recipe.loras]
+    if "adjust" in overrides:  # SuperMerger's 8 Adjust values in place of the recipe's
+        recipe.adjust = list(overrides["adjust"])
     return recipe
 
 
@@ -102,7 +104,7 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
             for x in xs:
                 recipe = backend.xyz_recipe_for({key: convert(x)})
                 recipe.validate()
-                if key in ("block", "preset", "key"):  # checked against the models' keys
+                if key in ("block", "preset", "key", "adjust"):  # checked against the models' keys
                     plan = prepare(recipe, hash_inputs=False)
                     plan.close()
         return confirm
@@ -142,6 +144,12 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
                            lambda p, x, xs: _with_override(p, "lora_strength", x),
                            format_value=lambda p, opt, x: f"LoRA {x:g}", confirm=confirm_with("lora_strength"),
                            cost=1.0))
+    # SuperMerger's Adjust: one cell per 8-value set. The host splits the axis text at commas, so a value is
+    # quoted ("1,0,0,0,0,0,0,0", "2,0,0,0,0,0,0,0") or written with spaces (1 0 0 0 0 0 0 0, 2 0 0 0 0 0 0 0)
+    axes.append(AxisOption(AXIS_PREFIX + "adjust (8 values)", str,
+                           lambda p, x, xs: _with_override(p, "adjust", adjust_values(x)),
+                           format_value=lambda p, opt, x: "adjust " + ",".join(f"{v:g}" for v in adjust_values(x)),
+                           confirm=confirm_with("adjust", adjust_values), cost=1.0))
     axes.append(AxisOption(AXIS_PREFIX + "preset", str, lambda p, x, xs: _with_override(p, "preset", x),
                            format_value=lambda p, opt, x: x, confirm=confirm_with("preset"), cost=1.0,
                            choices=lambda: list(presets())))

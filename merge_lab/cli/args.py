@@ -12,6 +12,7 @@ from merge_lab.engine.recipe import (
     NONFINITE_CHOICES,
     PRECISION_CHOICES,
     Recipe,
+    adjust_values,
 )
 from merge_lab.errors import RecipeError
 
@@ -83,6 +84,10 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep", action="append", metavar="REGEX",
                    help="write only the keys some --keep regex matches (e.g. '^model\\.diffusion_model\\.' for "
                         "the UNet alone); repeatable, --discard still applies")
+    g.add_argument("--adjust", metavar="IN,OUT,OUT2,CONTRAST,BRIGHTNESS,COL1,COL2,COL3",
+                   help="SuperMerger's Adjust (SD1/SD2/SDXL): 8 comma-separated values that scale / shift the "
+                        "UNet's first and last layers after the merge: detail IN, OUT, OUT2 (-6..6), contrast, "
+                        "brightness, cyan-red, magenta-green, yellow-blue (-10..10); all 0: no change")
 
 
 def add_lora_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -150,6 +155,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     for name in ("discard", "keep"):
         if getattr(args, name, None):
             setattr(recipe, name, [*getattr(recipe, name), *getattr(args, name)])
+    if getattr(args, "adjust", None) is not None:
+        recipe.adjust = adjust_values(args.adjust)
     return recipe
 
 

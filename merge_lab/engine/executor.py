@@ -33,6 +33,7 @@ from merge_lab.errors import CheckpointError, MergeCancelled, MergeLabError, Rec
 from merge_lab.io.hashing import autov2, remember_sha256
 from merge_lab.io.header import DTYPES
 from merge_lab.io.writer import EXISTS_MESSAGE, SafetensorsWriter
+from merge_lab_methods.adjust import apply_operation as apply_adjust_operation
 from merge_lab_methods.kernels import compiled as compiled_kernels
 
 
@@ -266,6 +267,16 @@ class Executor(Loader):
         return total
 
     def _compute(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
+        out = self._compute_merged(unit, key_statistics)
+        adjust = self.plan.adjust
+        if adjust is not None and unit.task.key in adjust:
+            # SuperMerger's Adjust, last: on the whole key (planned in one unit) as merged, LoRAs baked
+            task = unit.task
+            adjusted = apply_adjust_operation(out, adjust[task.key], self.plan.compute_dtype)
+            out = self._check_result(to_output_dtype(adjusted, DTYPES[task.out_dtype]), task)
+        return out
+
+    def _compute_merged(self, unit: Unit, key_statistics: KeyStatistics | None) -> torch.Tensor:
         merged = self._compute_unit(unit, key_statistics)
         task = unit.task
         loras = self.plan.loras

@@ -62,6 +62,8 @@ def fingerprint(plan: MergePlan) -> str:
         data["vae"] = ident(plan.vae)
     if r.discard or r.keep:
         data["discard"], data["keep"] = list(r.discard), list(r.keep)
+    if plan.adjust_values:  # all zeros change nothing: the same hash as no adjust
+        data["adjust"] = list(plan.adjust_values)
     if plan.loras is not None:  # by content when hashed; the strengths and block weights as applied
         data["loras"] = [{"file": sha or os.path.realpath(spec.path), "strength": spec.strength,
                           "blocks": spec.blocks}

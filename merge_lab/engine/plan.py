@@ -27,6 +27,9 @@ from merge_lab.engine.recipe import Recipe, compile_key_pattern, parse_size
 from merge_lab.errors import MergeLabError, RecipeError
 from merge_lab.io.checkpoints import open_checkpoint
 from merge_lab.io.writer import OutputEntry
+from merge_lab_methods.adjust import ARCH_COLOURS as ADJUST_ARCHS
+from merge_lab_methods.adjust import adjust_operations
+from merge_lab_methods.adjust import is_identity as adjust_is_identity
 
 DTYPE_FLAGS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 # An output dtype per key: the first model's dtype of that key (files mix an fp32 VAE with an fp16 UNet).
@@ -95,6 +98,10 @@ class MergePlan:
     loras: Any = None  # merge_lab.lora.LoraPlan: LoRAs baked into the result, or None
     vae: Input | None = None  # the recipe's VAE file, written in place of the result's VAE
     vae_format: str = ""  # its key naming: "ldm" or "diffusers"
+    # SuperMerger's Adjust (merge_methods/adjust.py): the recipe's 8 values, when not all 0, and the operation
+    # of each key it changes; applied to the whole key after the merge and the LoRAs
+    adjust_values: list[float] | None = None
+    adjust: dict[str, Any] | None = None
 
     @property
     def inputs(self) -> list[Input]:
@@ -142,6 +149,7 @@ class MergePlan:
                     if self.vae else None),
             "discard": list(r.discard) or None,
             "keep": list(r.keep) or None,
+            "adjust": list(self.adjust_values) if self.adjust_values else None,
             "recipe_hash": self.fingerprint,
         }
         return {k: v for k, v in record.items() if v is not None}
@@ -198,6 +206,8 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True, notify=None) -> MergePl
             _filter_keys(plan, notify)
         if recipe.loras:
             _plan_loras(plan, hash_inputs, notify)
+        if recipe.adjust is not None and not adjust_is_identity(recipe.adjust):
+            _plan_adjust(plan)
         if hash_inputs:
             plan.hashes = _hash_inputs([*all_inputs, *([plan.vae] if plan.vae else [])])
         plan.fingerprint = fingerprint(plan)
@@ -303,6 +313,35 @@ def _filter_keys(plan: MergePlan, notify) -> None:
     if notify is not None and len(kept) < len(plan.tasks):
         notify(f"{len(plan.tasks) - len(kept)} key(s) left out by the discard / keep patterns")
     plan.tasks = kept
+
+
+def _plan_adjust(plan: MergePlan) -> None:
+    """SuperMerger's Adjust on the six keys it changes (the UNet's conv_in, output GroupNorm and conv_out): an
+    architecture without it is refused, and so is an output lacking one of those keys (left out by discard /
+    keep, or not a whole UNet). Each is done in one unit: the bias shift is one value per latent channel."""
+    arch = plan.arch.arch
+    first = plan.models[0]
+    if arch not in ADJUST_ARCHS:
+        raise RecipeError(f"adjust (SuperMerger's) is defined for SD1 / SD2 / SDXL UNets only, not for "
+                          f"{archs.get(arch).title}", path=first.path)
+    values = [float(v) for v in plan.recipe.adjust]  # 1 and 1.0: the same record and recipe hash
+    operations = adjust_operations(values, arch)
+    tasks = {t.key: t for t in plan.tasks}
+    for key, op in operations.items():
+        task = tasks.get(key)
+        if task is None:
+            raise RecipeError("adjust changes this key, which the output lacks (left out by discard / keep?)",
+                              path=first.path, key=key)
+        if not task.out_dtype.startswith(("F", "BF")):
+            raise MergeLabError(f"adjust changes this key, whose dtype {task.out_dtype} is not floating point",
+                                path=first.path, key=key)
+        if op.shift is not None and tuple(task.out_shape) != (len(op.shift),):
+            raise MergeLabError(f"adjust shifts {len(op.shift)} latent channels; this key has shape "
+                                f"{list(task.out_shape)}", path=first.path, key=key)
+        task.chunks = [None]
+        task.needs_stats = False
+    plan.adjust_values = values
+    plan.adjust = operations
 
 
 def _plan_loras(plan: MergePlan, hash_files: bool, notify) -> None:

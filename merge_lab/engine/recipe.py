@@ -21,6 +21,8 @@ from merge_lab import archs
 from merge_lab.archs.blocks import accepted_lengths, parse_values
 from merge_lab.archs.presets import names_preset, presets
 from merge_lab.errors import RecipeError, show
+from merge_lab_methods.adjust import VALUE_NAMES as ADJUST_NAMES
+from merge_lab_methods.adjust import parse_adjust
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32", "fp8_e4m3", "fp8_e5m2")
 PRECISION_CHOICES = ("float32", "float64")
@@ -66,6 +68,10 @@ class Recipe:
     # name"), and with `keep`, every key that no `keep` regex matches
     discard: list[str] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
+    # SuperMerger's Adjust: 8 values (IN, OUT, OUT2, contrast, brightness, cyan-red, magenta-green, yellow-blue)
+    # scaling / shifting the UNet's first and last layers after the merge (merge_methods/adjust.py); all
+    # zeros: no change. A recipe file may give them as one comma-separated string.
+    adjust: list[float] | None = None
     out: str | None = None
 
     # ---- construction -------------------------------------------------------------------------------
@@ -83,6 +89,8 @@ class Recipe:
         for name in ("models", "discard", "keep"):
             if isinstance(data.get(name), str):
                 data[name] = [data[name]]
+        if isinstance(data.get("adjust"), str):
+            data["adjust"] = adjust_values(data["adjust"], source)
         _check_types(data, source)
         recipe = cls(**copy.deepcopy(data))
         if base_dir is not None:
@@ -223,6 +231,8 @@ class Recipe:
             raise RecipeError("VAE file not found", path=self.vae)
         for pattern in [*self.discard, *self.keep]:
             compile_key_pattern(pattern)
+        if self.adjust is not None:
+            adjust_values(self.adjust)
         if self.lora_unmatched not in LORA_UNMATCHED_CHOICES:
             raise RecipeError(f"lora_unmatched must be one of {', '.join(LORA_UNMATCHED_CHOICES)}, got "
                               f"{show(self.lora_unmatched)}")
@@ -248,6 +258,14 @@ def check_output_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike
                 same = os.path.samefile(p, out)
         if same:
             raise RecipeError(f"the output {show(out)} is one of the inputs; refusing to overwrite it", path=p)
+
+
+def adjust_values(value, source: str | None = None) -> list[float]:
+    """Adjust's eight values from a text ("1,0,0,0,0,0,0,0") or a list, or a one-line RecipeError."""
+    try:
+        return list(parse_adjust(value))
+    except ValueError as e:
+        raise RecipeError(str(e), path=source) from None
 
 
 def compile_key_pattern(pattern: str) -> re.Pattern:
@@ -316,6 +334,8 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "vae": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
     "discard": ("a list of key regexes", lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v)),
     "keep": ("a list of key regexes", lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v)),
+    "adjust": (f"8 numbers ({','.join(ADJUST_NAMES)})", lambda v: v is None or (
+        isinstance(v, list) and len(v) == len(ADJUST_NAMES) and all(map(_finite_number, v)))),
     "out": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
 }
 

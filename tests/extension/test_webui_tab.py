@@ -12,6 +12,7 @@ import shutil
 
 import gradio as gr
 import pytest
+import torch
 from safetensors import safe_open
 
 import merge_lab_methods as methods
@@ -355,3 +356,23 @@ def test_events_behind_forges_wrapper_get_only_the_keywords_gradio_takes():
         assert compat.on(component, "click", print, [], [], queue=False, api_visibility="undocumented",
                          show_api=False) == "dependency"
         assert received == {"fn": print, "queue": False, "show_progress": "full"}
+
+
+def test_adjust_field_merges_records_and_loads_back(tab, models_dir):
+    """SuperMerger's Adjust from the tab's field: the merge's conv_in is scaled, the record keeps the 8 values
+    and reads back into the field; a bad field is a one-line status."""
+    assert tab.values()["adjust"] == ""
+    values = form(tab, models=["sd1-ft1.safetensors", "sd1-ft2.safetensors"], alpha=0.3, dtype="fp32",
+                  out_name="adjusted", adjust="2, 0, 0, 0, 0, 0, 0, -1")
+    assert tab.run("merge", values)["status"].startswith("saved adjusted.safetensors")
+    plain = merge_to_state_dict(Recipe(models=[str(models_dir / "sd1-ft1.safetensors"),
+                                               str(models_dir / "sd1-ft2.safetensors")], alpha=0.3, dtype="fp32"))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    with safe_open(models_dir / "adjusted.safetensors", "pt") as f:
+        assert torch.allclose(f.get_tensor(key), plain.state_dict[key] * 0.98)
+        assert json.loads(f.metadata()["sd_merge_recipe"])["adjust"] == [2, 0, 0, 0, 0, 0, 0, -1]
+    out = tab.run("load_recipe", form(tab, recipe_source="adjusted.safetensors"))
+    assert update_value(out["adjust"]) == "2,0,0,0,0,0,0,-1"
+    status = tab.run("merge", form(tab, **{**values, "adjust": "1,2,3", "out_name": "bad"}))["status"]
+    assert "adjust takes 8 numbers" in status and "\n" not in status
+    assert not (models_dir / "bad.safetensors").exists()

@@ -397,7 +397,7 @@ def test_a_damaged_pickle_is_one_line(tmp_path, sd1_family):
 # every value of a recipe file is checked before anything is read
 
 @pytest.mark.parametrize("fields, message", [
-    ({"bogus": 1}, "unknown recipe field(s) bogus (valid: alpha,"),
+    ({"bogus": 1}, "unknown recipe field(s) bogus (valid: adjust, alpha,"),
     ({"alpha": "high"}, "alpha must be a number, got 'high'"),
     ({"alpha": 3}, "alpha = 3 is outside [-1.0, 2.0]"),
     ({"block": {"IN99": 0.5}}, "unknown block 'IN99' (valid: BASE, IN00,"),
