@@ -1,5 +1,5 @@
 """The X/Y/Z axes: ``[Merge Lab] alpha``, ``block ratio <block>``, ``method``, ``key ratio``, ``LoRA strength``,
-``preset`` and ``adjust`` for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's
+``preset``, ``adjust`` and ``parameter`` for the host's built-in X/Y/Z plot script, the overrides they leave on each cell, and the cell's
 recipe made from them.
 
 Host facts this relies on (read from the hosts' own sources):
@@ -64,6 +64,8 @@ def apply_overrides(base: Recipe, overrides: dict[str, Any]) -> Recipe:
         if not recipe.loras:
             raise RecipeError("the LoRA strength axis needs a recipe with a LoRA (the tab's LoRA field)")
         recipe.loras = [{**e, "strength": float(overrides["lora_strength"])} for e in recipe.loras]
+    if "param" in overrides:  # after the method axis, which keeps only the new method's parameters
+        recipe.params = {**recipe.params, **overrides["param"]}
     if "adjust" in overrides:  # SuperMerger's 8 Adjust values in place of the recipe's
         recipe.adjust = list(overrides["adjust"])
     return recipe
@@ -89,7 +91,7 @@ def find_xyz_module(scripts_module):
 
 def _with_override(p, key: str, value: Any) -> None:
     old = getattr(p, OVERRIDES_ATTR, None) or {}
-    if key in ("block", "key"):
+    if key in ("block", "key", "param"):
         value = {**old.get(key, {}), **value}
     setattr(p, OVERRIDES_ATTR, {**old, key: value})
 
@@ -139,6 +141,17 @@ def xyz_axes(backend: XyzRecipes, AxisOption) -> list[Any]:
     axes.append(AxisOption(AXIS_PREFIX + "key ratio (REGEX=X)", str,
                            lambda p, x, xs: _with_override(p, "key", key_value(x)),
                            format_value=lambda p, opt, x: str(x), confirm=confirm_with("key", key_value), cost=1.0))
+    def param_value(x: str) -> dict[str, str]:
+        name, sep, value = str(x).partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise RecipeError(f"a parameter axis value is NAME=VALUE (e.g. beta=0.3), got {x!r}")
+        return {name.strip(): value.strip()}  # parsed and checked against the method by Recipe.validate
+
+    # a method parameter (β of triple_sum / sum_twice / tensor_swap, TIES' k, DARE's p, …): NAME=VALUE
+    axes.append(AxisOption(AXIS_PREFIX + "parameter (NAME=VALUE)", str,
+                           lambda p, x, xs: _with_override(p, "param", param_value(x)),
+                           format_value=lambda p, opt, x: str(x), confirm=confirm_with("param", param_value),
+                           cost=1.0))
     # every LoRA of the recipe at this strength (one merge per value, as for α)
     axes.append(AxisOption(AXIS_PREFIX + "LoRA strength", float,
                            lambda p, x, xs: _with_override(p, "lora_strength", x),

@@ -211,3 +211,48 @@ def test_api_analyze_answers_the_engines_numbers(a1111):
                        str(d / "sd1-base.safetensors")).as_dict()
     assert r.json()["blocks"] == expected["blocks"]
     assert client_for(a1111).post("/merge-lab/v1/analyze", json={**body, "out": "x"}).status_code == 400
+
+
+def test_xyz_parameter_axis_sets_a_method_parameter_per_cell(tmp_path):
+    """`[Merge Lab] parameter (NAME=VALUE)`: β of SuperMerger's triple sum per cell (after a method axis, which
+    keeps only the new method's parameters); a name the method lacks is refused before the grid starts."""
+    import torch
+    from safetensors.torch import load_file
+
+    from merge_lab.archs import layout_for
+    from merge_lab.demo.models import base_state_dict, finetune_state_dict, save_state_dict
+    from merge_lab.engine import merge_to_state_dict
+    from merge_lab.engine.recipe import Recipe
+    from merge_lab.errors import RecipeError
+    from merge_lab_extension.xyz_axes import AXIS_PREFIX, apply_overrides, xyz_axes
+
+    base = base_state_dict(layout_for("sd1", width=8, vocab=256), seed=1, dtype=torch.float32)
+    paths = [str(save_state_dict(s, tmp_path / f"m{i}.safetensors"))
+             for i, s in enumerate((base, finetune_state_dict(base, 1, 0), finetune_state_dict(base, 2, 0)))]
+
+    class Axis:
+        def __init__(self, label, kind, apply, **kw):
+            self.label, self.apply, self.kw = label, apply, kw
+
+    axes = {a.label: a for a in xyz_axes(None, Axis)}
+    axis = axes[AXIS_PREFIX + "parameter (NAME=VALUE)"]
+
+    class Cell:
+        pass
+
+    cell = Cell()
+    axes[AXIS_PREFIX + "method"].apply(cell, "triple_sum", [])
+    axis.apply(cell, "beta=0.4", [])
+    recipe = apply_overrides(Recipe(models=paths, method="ties", params={"k": 0.3}, alpha=0.5),
+                             cell.merge_lab_overrides)
+    assert recipe.method == "triple_sum" and recipe.params == {"beta": "0.4"}
+    merged = merge_to_state_dict(recipe).state_dict
+    a, b, c = (load_file(p) for p in paths)
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    torch.testing.assert_close(merged[key], 0.1 * a[key] + 0.5 * b[key] + 0.4 * c[key])
+    with pytest.raises(RecipeError, match="NAME=VALUE"):
+        axis.apply(cell, "beta", [])
+    bad = Cell()
+    axis.apply(bad, "gamma=2", [])
+    with pytest.raises((RecipeError, ValueError), match="gamma"):
+        apply_overrides(Recipe(models=paths, method="triple_sum"), bad.merge_lab_overrides).validate()
