@@ -48,7 +48,7 @@ GuiProgress = Callable[..., Any]  # gr.Progress-like: progress(fraction, desc=..
 # registered architecture after "use_blocks", then the method parameters (TabController.recipe_fields).
 RECIPE_FIELDS = ["models", "base", "method", "alpha", "use_blocks", "extra_blocks", "key_ratios", "arch",
                  "loras", "weights", "seed", "dtype", "precision", "device", "memory_budget", "missing", "nonfinite",
-                 "vae", "discard", "prune", "adjust"]
+                 "vae", "discard", "prune", "adjust", "beta_blocks"]
 SAVE_FIELDS = ["out_name", "recipe_metadata", "overwrite"]
 PREVIEW_FIELDS = ["prompt", "negative_prompt", "preview_seed", "steps", "cfg_scale", "width", "height", "sampler"]
 

@@ -381,6 +381,7 @@ def recipe_from_form(form: Mapping[str, Any], resolve: Callable[[str], str],
         prune=bool(form.get("prune")),
         discard=parse_patterns(form.get("discard")),
         adjust=parse_adjust_text(form.get("adjust")),
+        beta_blocks=(form.get("beta_blocks") or "").strip() or None,
     )
     vae = form.get("vae")
     if vae and vae != NO_VAE:
@@ -498,6 +499,9 @@ def form_from_record(record: Mapping[str, Any], model_name: Callable[[str], str 
     values["prune"] = bool(record.get("prune"))
     values["discard"] = "\n".join(p for p in record.get("discard") or [] if isinstance(p, str))
     values["adjust"] = adjust_text(record.get("adjust"))
+    beta_blocks = record.get("beta_blocks")
+    values["beta_blocks"] = (beta_blocks if isinstance(beta_blocks, str) else
+                             values_text([float(v) for v in beta_blocks]) if isinstance(beta_blocks, list) else "")
     vae = record.get("vae") if isinstance(record.get("vae"), Mapping) else None
     found = vae_name(vae.get("name", "")) if vae and vae_name is not None else None
     if vae and found is None:

@@ -186,6 +186,11 @@ def build_tab(backend: Backend, *, controller: TabController | None = None) -> T
                                         info="REGEX=ratio, one a line, on top of the block ratios (the last match "
                                              "wins): e.g. cond_stage_model=0 keeps A's text encoder",
                                         placeholder="cond_stage_model=0", elem_id=ELEM_PREFIX + "key_ratios"))
+            add("beta_blocks", component(gr.Textbox, value="", lines=1, label="β block ratios",
+                                         info="β per block for a method with a beta parameter (triple_sum, "
+                                              "sum_twice, tensor_swap, extract: SuperMerger's weights B): "
+                                              "values as the block ratios above, or a preset; blank: beta",
+                                         elem_id=ELEM_PREFIX + "beta_blocks"))
 
         # ---- LoRAs -------------------------------------------------------------------------------------
         with component(gr.Accordion, label="LoRAs (baked into the result)", open=False,

@@ -10,8 +10,9 @@ scripts/supermerger.py. sd-mecha 1.1.8, sd_mecha/extensions/builtin/merge_method
 formulas; no code copied.
 
 Model names follow SuperMerger's A, B, C. The engine gives one per-block ratio, α_b (the `ratio`); the
-modes that take a second ratio (triple sum, sum twice, tensor, extract) take β as the scalar parameter
-`beta`, the same for every block (SuperMerger also has per-block β).
+modes that take a second ratio (triple sum, sum twice, tensor, extract) take β as the parameter `beta`;
+per block, SuperMerger's "weights B", it comes from the recipe's `beta_blocks` (the engine passes each key its
+block's β as `beta`).
 
 - train_difference: A + 1.8·α·s·(B − C), s = |B − A| / (|B − A| + |B − C|) per entry (0 where both are 0);
   = sd-mecha's A + (B − C)·train_difference_mask(A, B, C, α).
@@ -52,7 +53,7 @@ from .registry import Chunking, KeyContext, Param, Statistics, merge_method
 # Methods whose formula needs the whole tensor (filters, cosines over columns, slices by fractions).
 WHOLE = Chunking(split_rows=False)
 
-BETA_HELP = "β, the second ratio (one value for every block; the block ratios give α)"
+BETA_HELP = "β, the second ratio (every block's, unless the recipe's beta_blocks sets it per block)"
 THREE = "models A B C, or A B with --base C"
 
 
@@ -150,7 +151,7 @@ BETA = Param("beta", float, 0.25, BETA_HELP)
 @merge_method(
     "triple_sum",
     default_ratio=0.5,
-    summary="SuperMerger Triple sum: (1 − α − β)·A + α·B + β·C, β a scalar param; " + THREE,
+    summary="SuperMerger Triple sum: (1 − α − β)·A + α·B + β·C, β the beta param (per block: beta_blocks); " + THREE,
     params=(BETA,),
     base="optional",
     min_models=2,
@@ -158,7 +159,7 @@ BETA = Param("beta", float, 0.25, BETA_HELP)
     takes_weights=False,
 )
 def triple_sum(models, base, ratio, ctx: KeyContext, beta):
-    """(1 − α − β)·A + α·B + β·C; α the block ratio, β one value for every block."""
+    """(1 − α − β)·A + α·B + β·C; α the block ratio, β the key's (beta, or its block's from beta_blocks)."""
     a, b, c = _abc("triple_sum", models, base)
     return (1 - ratio - beta) * a + ratio * b + beta * c
 
@@ -166,7 +167,7 @@ def triple_sum(models, base, ratio, ctx: KeyContext, beta):
 @merge_method(
     "sum_twice",
     default_ratio=0.5,
-    summary="SuperMerger sum Twice: ((1 − α)·A + α·B)·(1 − β) + β·C, β a scalar param; " + THREE,
+    summary="SuperMerger sum Twice: ((1 − α)·A + α·B)·(1 − β) + β·C, β the beta param (per block: beta_blocks); " + THREE,
     params=(BETA,),
     base="optional",
     min_models=2,
@@ -174,7 +175,7 @@ def triple_sum(models, base, ratio, ctx: KeyContext, beta):
     takes_weights=False,
 )
 def sum_twice(models, base, ratio, ctx: KeyContext, beta):
-    """((1 − α)·A + α·B)·(1 − β) + β·C; α the block ratio, β one value for every block."""
+    """((1 − α)·A + α·B)·(1 − β) + β·C; α the block ratio, β the key's (beta, or its block's from beta_blocks)."""
     a, b, c = _abc("sum_twice", models, base)
     first = (1 - ratio) * a + ratio * b
     return (1 - beta) * first + beta * c
@@ -423,7 +424,7 @@ def _swap(a: torch.Tensor, b: torch.Tensor, dim: int, n: int, alpha: float, beta
 
 
 TENSOR_BETA = Param("beta", float, 0.25, "β: where the swapped slice starts, as a fraction of the dimension "
-                                         "(one value for every block; the block ratio α is its width)")
+                                         "(per block: beta_blocks; the block ratio α is its width)")
 
 
 @merge_method(

@@ -44,6 +44,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser, *, include_out: bool = True
                                                      "weighted_sum and slerp; see `merge-lab methods`)")
     p.add_argument("--blocks", help="26 (SD1/SD2) or 20 (SDXL) comma-separated block ratios "
                                     "(BASE, IN.., M00, OUT..), or a preset name")
+    p.add_argument("--beta-blocks", dest="beta_blocks",
+                   help="β per block for a method with a beta parameter (triple_sum, sum_twice, tensor_swap, "
+                        "extract: SuperMerger's weights B), in the forms of --blocks; unset blocks: --param beta")
     p.add_argument("--block", action="append", type=_name_value, metavar="NAME=X",
                    help="one block's ratio (IN04, M00, OUT11, TIME, OUT, VAE, TE1, TE2, BASE); repeatable")
     p.add_argument("--key", action="append", type=_pattern_value, metavar="REGEX=X",
@@ -126,7 +129,7 @@ def lora_entries(args: argparse.Namespace) -> list[dict]:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.load(args.recipe) if getattr(args, "recipe", None) else Recipe()
-    simple = ("models", "base", "method", "alpha", "blocks", "seed", "dtype", "prune", "precision", "device",
+    simple = ("models", "base", "method", "alpha", "blocks", "beta_blocks", "seed", "dtype", "prune", "precision", "device",
               "threads", "memory_budget", "missing", "nonfinite", "out")
     for name in simple:
         value = getattr(args, name, None)

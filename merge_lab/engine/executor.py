@@ -244,10 +244,10 @@ class Executor(Loader):
             ctx = dataclasses.replace(self._context(task, offset, earlier or None, writable=writable), stage=stage,
                                       wants_partial=partials is not None)
             raw = self._raw_slice(plan.method.compiled.statistics, raws, rows)
-            part = None if raw is None else plan.method.compiled.statistics(*raw, ctx, **plan.params)
+            part = None if raw is None else plan.method.compiled.statistics(*raw, ctx, **plan.params_for(task))
             if part is None:
                 models, base = self._convert(task, raws, rows)
-                part = plan.method.statistics.fn(models, base, ctx, **plan.params)
+                part = plan.method.statistics.fn(models, base, ctx, **plan.params_for(task))
             if partials is not None:
                 partials.append(part.pop("partial", None))
             add_statistics(sums, part, owned=False)
@@ -338,7 +338,8 @@ class Executor(Loader):
             writable = self._owns_converted(raws)
             if not elementwise:
                 models, base = self._convert(task, raws, None)
-                result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable), **plan.params)
+                result = method.fn(models, base, task.ratio, self._context(task, 0, writable=writable),
+                                   **plan.params_for(task))
                 self._check_shape(result, models[0], task)
                 return self._check_result(to_output_dtype(result.to(device="cpu"), out_dtype), task)
             partials = None
@@ -366,7 +367,7 @@ class Executor(Loader):
                 ctx = self._context(task, offset, stats, writable)
                 target = out if rows is None else out[rows[0]:rows[1]]
                 raw = None if partials is not None else self._raw_slice(method.compiled.merge, raws, rows)
-                finite = None if raw is None else method.compiled.merge(*raw, target, task.ratio, ctx, **plan.params)
+                finite = None if raw is None else method.compiled.merge(*raw, target, task.ratio, ctx, **plan.params_for(task))
                 if finite is not None:  # the compiled form wrote the slice
                     if not finite:
                         self._check_result(target, task)
@@ -374,12 +375,12 @@ class Executor(Loader):
                 if partials is not None:
                     base = self._convert_one(raws[len(plan.models)], rows)
                     result = method.statistics.merge_from_partial(partials[index], base, task.ratio, ctx,
-                                                                  **plan.params)
+                                                                  **plan.params_for(task))
                     partials[index] = None  # its memory can go as soon as the slice is written
                     self._check_shape(result, base, task)
                 else:
                     models, base = self._convert(task, raws, rows)
-                    result = method.fn(models, base, task.ratio, ctx, **plan.params)
+                    result = method.fn(models, base, task.ratio, ctx, **plan.params_for(task))
                     self._check_shape(result, models[0], task)
                 target.copy_(to_output_dtype(result, out_dtype) if out_dtype.itemsize == 1 else result)
                 self._check_result(target, task)  # while the slice is still in the CPU cache

@@ -57,6 +57,7 @@ class KeyTask:
     action: str  # "merge" | "copy"
     block: str | None = None
     ratio: float = 0.0
+    beta: float | None = None  # the block's β (recipe beta_blocks), passed as the method's `beta` parameter
     source: int = 0  # input to copy from
     chunks: list[tuple[int, int] | None] = field(default_factory=lambda: [None])
     needs_stats: bool = False
@@ -102,6 +103,12 @@ class MergePlan:
     # of each key it changes; applied to the whole key after the merge and the LoRAs
     adjust_values: list[float] | None = None
     adjust: dict[str, Any] | None = None
+    # β of every block (recipe beta_blocks), or None: the method's `beta` parameter for every key
+    beta_ratios: dict[str, float] | None = None
+
+    def params_for(self, task: KeyTask) -> dict[str, Any]:
+        """The method's parameters for one key: the plan's, with the key's block β when beta_blocks is set."""
+        return self.params if task.beta is None else {**self.params, "beta": task.beta}
 
     @property
     def inputs(self) -> list[Input]:
@@ -136,6 +143,8 @@ class MergePlan:
             "block": dict(r.block or {}),
             "key": dict(r.key) if r.key else None,
             "ratios": self.ratios,
+            "beta_blocks": r.beta_blocks,
+            "beta_ratios": self.beta_ratios,
             "params": self.params,
             "weights": r.weights,
             "seed": r.seed,
@@ -198,6 +207,9 @@ def prepare(recipe: Recipe, *, hash_inputs: bool = True, notify=None) -> MergePl
 
         plan = MergePlan(recipe, arch, inputs, base, method, params, ratios, [], out_dtype, compute_dtype,
                          device, threads, budget)
+        beta_values = _block_values(recipe, arch.arch, recipe.beta_blocks)
+        if beta_values is not None:  # SuperMerger's per-block β: the `beta` parameter is the default (BASE)
+            plan.beta_ratios = resolve_ratios(arch.arch, float(params["beta"]), beta_values)
         plan.tasks = _plan_tasks(plan)
         if recipe.vae:
             _plan_vae(plan, notify)
@@ -368,8 +380,9 @@ def _plan_loras(plan: MergePlan, hash_files: bool, notify) -> None:
         task.needs_stats = False
 
 
-def _block_values(recipe: Recipe, arch: str) -> list[float] | None:
-    spec = recipe.blocks
+def _block_values(recipe: Recipe, arch: str, spec=...) -> list[float] | None:
+    """The values of a block-ratio spec (the recipe's `blocks` unless another is given): None when unset."""
+    spec = recipe.blocks if spec is ... else spec
     if spec is None or spec == "":
         return None
     if names_preset(spec):
@@ -440,11 +453,12 @@ def _plan_tasks(plan: MergePlan) -> list[KeyTask]:
             if regex.search(key):
                 ratio = value
                 matched.add(pattern)
+        beta = plan.beta_ratios[block] if plan.beta_ratios is not None else None
         if channels is None:
-            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=ratio))
+            tasks.append(KeyTask(key, info.shape, out_dtype, "merge", block, ratio=ratio, beta=beta))
         else:
             narrow = (info.shape[0], channels, *info.shape[2:])
-            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=ratio,
+            tasks.append(KeyTask(key, narrow, out_dtype, "merge", block, ratio=ratio, beta=beta,
                                  channels=channels, full_shape=info.shape))
     unmatched = [p for p, _, _ in key_ratios if p not in matched]
     if unmatched:  # a typo would otherwise merge everything at the block ratios, silently

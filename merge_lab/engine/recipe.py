@@ -44,6 +44,9 @@ class Recipe:
     base: str | None = None
     alpha: float | None = None  # None: the method's own default (method.default_ratio)
     blocks: str | list[float] | None = None  # "v1,v2,…" (26 SD1/SD2, 20 SDXL) or a preset name
+    # β per block, for a method with a `beta` parameter (SuperMerger's triple sum, sum twice, tensor, extract:
+    # its "weights B"): the same forms as `blocks`; a block the string does not set takes the `beta` param
+    beta_blocks: str | list[float] | None = None
     block: dict[str, float] = field(default_factory=dict)  # named ratios: IN04, TIME, VAE, TE1, …
     # elemental ratios: {regex: ratio} over the checkpoint key names, on top of the block ratios; in order,
     # the last pattern that matches a key wins (A1111 / SuperMerger users' "per-key" control)
@@ -188,12 +191,16 @@ class Recipe:
             method.check_params(method.normalize_params(self.params), len(models))
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        if self.beta_blocks not in (None, "") and "beta" not in {p.name for p in method.params}:
+            raise RecipeError(f"beta_blocks: method {method.name} has no beta parameter (methods with one: "
+                              f"{', '.join(m for m in methods.method_names() if _has_beta(m))})")
         for p in [*models, *([self.base] if self.base else [])]:
             if not os.path.isfile(p):
                 raise RecipeError("model file not found", path=p)
         if self.alpha is not None:
             _check_ratio("alpha", self.alpha)
         check_block_spec(self.blocks)
+        check_block_spec(self.beta_blocks)
         known = known_block_names()
         for name, value in (self.block or {}).items():
             if name.upper() not in known:
@@ -260,6 +267,10 @@ def check_output_path(out: str | os.PathLike, inputs: Sequence[str | os.PathLike
             raise RecipeError(f"the output {show(out)} is one of the inputs; refusing to overwrite it", path=p)
 
 
+def _has_beta(name: str) -> bool:
+    return any(p.name == "beta" for p in methods.get_method(name).params)
+
+
 def adjust_values(value, source: str | None = None) -> list[float]:
     """Adjust's eight values from a text ("1,0,0,0,0,0,0,0") or a list, or a one-line RecipeError."""
     try:
@@ -311,6 +322,8 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "base": ("a file name", lambda v: v is None or (isinstance(v, str) and v)),
     "alpha": ("a number", lambda v: v is None or _finite_number(v)),
     "blocks": ("a preset name or a list of ratios", lambda v: v is None or isinstance(v, str) or (
+        isinstance(v, list) and all(_finite_number(x) or isinstance(x, str) for x in v))),
+    "beta_blocks": ("a preset name or a list of ratios", lambda v: v is None or isinstance(v, str) or (
         isinstance(v, list) and all(_finite_number(x) or isinstance(x, str) for x in v))),
     "key": ("a mapping of key regexes to ratios", lambda v: v is None or (isinstance(v, Mapping) and all(
         isinstance(k, str) and _finite_number(x) for k, x in v.items()))),

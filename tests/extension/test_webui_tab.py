@@ -376,3 +376,24 @@ def test_adjust_field_merges_records_and_loads_back(tab, models_dir):
     status = tab.run("merge", form(tab, **{**values, "adjust": "1,2,3", "out_name": "bad"}))["status"]
     assert "adjust takes 8 numbers" in status and "\n" not in status
     assert not (models_dir / "bad.safetensors").exists()
+
+
+def test_beta_block_ratios_field_merges_records_and_loads_back(tab, models_dir):
+    """The tab's β block ratios (SuperMerger's weights B) for triple_sum: OUT11's β from the 26-value text,
+    recorded, read back into the field; for a method without β a one-line status and no file."""
+    names = ["sd1-ft1.safetensors", "sd1-ft2.safetensors", "sd1-base.safetensors"]
+    text = ",".join(["0.1"] * 25 + ["0.4"])
+    values = form(tab, models=names, method="triple_sum", alpha=0.3, dtype="fp32", out_name="betas",
+                  beta_blocks=text)
+    assert tab.run("merge", values)["status"].startswith("saved betas.safetensors")
+    key = "model.diffusion_model.output_blocks.11.0.in_layers.2.weight"
+    a, b, c = (merge_to_state_dict(Recipe(models=[str(models_dir / n)], method="passthrough", dtype="fp32"))
+               .state_dict[key] for n in names)
+    with safe_open(models_dir / "betas.safetensors", "pt") as f:
+        assert torch.allclose(f.get_tensor(key), 0.3 * a + 0.3 * b + 0.4 * c, atol=1e-6)
+    out = tab.run("load_recipe", form(tab, recipe_source="betas.safetensors"))
+    assert update_value(out["beta_blocks"]) == text
+    status = tab.run("merge", form(tab, **{**values, "method": "weighted_sum", "models": names[:2],
+                                           "out_name": "bad"}))["status"]
+    assert "has no beta parameter" in status and "\n" not in status
+    assert not (models_dir / "bad.safetensors").exists()

@@ -405,3 +405,46 @@ def test_cosine_takes_supermergers_range_over_the_whole_model_pair(variant, tmp_
         unscaled += not torch.allclose(merged[key], run(f"cosine_{variant.lower()}", [a[key], b[key]], ratio=0.3))
     assert unscaled > len(keys) // 4
 
+
+
+def test_beta_per_block_is_supermergers_weights_b(tmp_path, run_cli):
+    """`beta_blocks` (--beta-blocks, the tab's β block ratios): each key's β is its block's value from the
+    26-value string (SD1: BASE, IN00–IN11, M00, OUT00–OUT11), as SuperMerger's "weights B"; recorded in the
+    output; refused for a method without a beta parameter."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from merge_lab.archs import layout_for
+    from merge_lab.demo.models import base_state_dict, finetune_state_dict, save_state_dict
+    from merge_lab.engine import Recipe, merge_to_state_dict
+    from merge_lab.errors import RecipeError
+
+    base = base_state_dict(layout_for("sd1", width=8, vocab=256), seed=7, dtype=torch.float32)
+    paths = [str(save_state_dict(s, tmp_path / f"m{i}.safetensors"))
+             for i, s in enumerate((base, finetune_state_dict(base, 1, 0), finetune_state_dict(base, 2, 0)))]
+    betas = [round(0.01 * i, 2) for i in range(26)]  # BASE 0, IN00 0.01, …, M00 0.13, …, OUT11 0.25
+    text = ",".join(f"{b:g}" for b in betas)
+    recipe = Recipe(models=paths, method="triple_sum", alpha=0.3, beta_blocks=text)
+    merged = merge_to_state_dict(recipe).state_dict
+    a, b, c = (load_file(p) for p in paths)
+    for key, beta in (("model.diffusion_model.input_blocks.4.1.proj_in.weight", betas[5]),
+                      ("model.diffusion_model.middle_block.1.proj_out.weight", betas[13]),
+                      ("model.diffusion_model.output_blocks.11.0.in_layers.2.weight", betas[25]),
+                      ("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", betas[0])):
+        want = (1 - 0.3 - beta) * a[key] + 0.3 * b[key] + beta * c[key]
+        torch.testing.assert_close(merged[key], want, rtol=1e-6, atol=1e-6, msg=key)
+    # the same through the command line, recorded in the output
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_cli("merge", "--models", *paths, "--method", "sum_twice", "--alpha", "0.3",
+                           "--beta-blocks", text, "--out", out, "--no-progress")
+    assert code == 0, err
+    with safe_open(out, "pt") as f:
+        record = json.loads(f.metadata()["sd_merge_recipe"])
+    assert record["beta_blocks"] == text and record["beta_ratios"]["OUT11"] == 0.25
+    key = "model.diffusion_model.output_blocks.11.0.in_layers.2.weight"
+    torch.testing.assert_close(load_file(str(out))[key], (0.7 * a[key] + 0.3 * b[key]) * 0.75 + 0.25 * c[key],
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(RecipeError, match="weighted_sum has no beta parameter"):
+        Recipe(models=paths[:2], method="weighted_sum", beta_blocks=text).validate()
