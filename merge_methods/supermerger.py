@@ -55,6 +55,8 @@ WHOLE = Chunking(split_rows=False)
 
 BETA_HELP = "β, the second ratio (every block's, unless the recipe's beta_blocks sets it per block)"
 THREE = "models A B C, or A B with --base C"
+# The declaration every three-model mode shares (A B C, or A B with a base C; no per-model weights)
+THREE_MODELS = dict(base="optional", min_models=2, max_models=3, takes_weights=False)
 
 
 def _abc(name: str, models, base):
@@ -89,10 +91,7 @@ def train_difference_scale(a, b, c) -> torch.Tensor:
 @merge_method(
     "train_difference",
     summary="SuperMerger trainDifference: A + 1.8·α·(B − C)·|B − A|/(|B − A| + |B − C|); " + THREE,
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
 )
 def train_difference(models, base, ratio, ctx: KeyContext):
     """θ = A + (s·(B − C))·(1.8·α), s = |B − A| / (|B − A| + |B − C|) (0/0 = 0): B's change from C, scaled
@@ -107,10 +106,7 @@ def train_difference(models, base, ratio, ctx: KeyContext):
 @merge_method(
     "add_opposite",
     summary="sd-mecha add_opposite: A + (B − C)·2α·|A − B|/(|A − B| + |A + B − 2C|); " + THREE,
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
 )
 def add_opposite(models, base, ratio, ctx: KeyContext):
     """θ = A + (B − C)·m, m = 2α·|A − B| / (|A − B| + |A + B − 2C|) (0/0 = 0): m is 2α where A − C and
@@ -127,10 +123,7 @@ def add_opposite(models, base, ratio, ctx: KeyContext):
     "add_strict_opposite",
     summary="sd-mecha add_strict_opposite: A + (B − C)·2α·max(0, (C − A)(B − C)/max(|A − C|, |B − C|)²); "
             + THREE,
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
 )
 def add_strict_opposite(models, base, ratio, ctx: KeyContext):
     """θ = A + (B − C)·m, m = 2α·max(0, (C − A)(B − C) / t²), t = max(|A − C|, |B − C|) (0/0 = 0): B's
@@ -153,10 +146,7 @@ BETA = Param("beta", float, 0.25, BETA_HELP)
     default_ratio=0.5,
     summary="SuperMerger Triple sum: (1 − α − β)·A + α·B + β·C, β the beta param (per block: beta_blocks); " + THREE,
     params=(BETA,),
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
 )
 def triple_sum(models, base, ratio, ctx: KeyContext, beta):
     """(1 − α − β)·A + α·B + β·C; α the block ratio, β the key's (beta, or its block's from beta_blocks)."""
@@ -169,10 +159,7 @@ def triple_sum(models, base, ratio, ctx: KeyContext, beta):
     default_ratio=0.5,
     summary="SuperMerger sum Twice: ((1 − α)·A + α·B)·(1 − β) + β·C, β the beta param (per block: beta_blocks); " + THREE,
     params=(BETA,),
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
 )
 def sum_twice(models, base, ratio, ctx: KeyContext, beta):
     """((1 − α)·A + α·B)·(1 − β) + β·C; α the block ratio, β the key's (beta, or its block's from beta_blocks)."""
@@ -262,10 +249,7 @@ def smooth(difference: torch.Tensor) -> torch.Tensor:
 @merge_method(
     "smooth_add",
     summary="SuperMerger smoothAdd: A + α·G(M(B − C)), M a 3×…×3 median filter, G a Gaussian σ=1; " + THREE,
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
     chunking=WHOLE,
 )
 def smooth_add(models, base, ratio, ctx: KeyContext):
@@ -487,10 +471,7 @@ def _check_extract(params, n_models) -> None:
         Param("gamma", float, 0.3, "γ: selectivity of the similarity (high: only very similar rows count as "
                                    "similar; SuperMerger's option(gamma))", minimum=0.0),
     ),
-    base="optional",
-    min_models=2,
-    max_models=3,
-    takes_weights=False,
+    **THREE_MODELS,
     check=_check_extract,
     chunking=Chunking(whole_1d=True),
 )

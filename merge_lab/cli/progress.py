@@ -39,3 +39,23 @@ class TqdmProgress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+def write_with_progress(recipe, *, no_progress: bool, overwrite: bool):
+    """merge_to_file with a progress bar and the engine's notes on stderr (the one-model commands)."""
+    import sys
+
+    from merge_lab.engine import merge_to_file  # torch and friends only for the commands that write
+
+    with TqdmProgress(recipe.out, disable=no_progress) as progress:
+        return merge_to_file(recipe, progress=progress, overwrite=overwrite,
+                             notify=lambda note: print(note, file=sys.stderr))
+
+
+def print_written(result, summary: str) -> None:
+    """What every writing command prints: the file, a summary line, its sha256 and AutoV2 hash."""
+    print(f"wrote {result.out}")
+    print(f"  {summary}")
+    print(f"  sha256 {result.sha256}")
+    print(f"  AutoV2 {result.autov2}")
+

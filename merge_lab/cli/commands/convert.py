@@ -8,10 +8,9 @@ NaN / inf found, nothing overwritten unless asked) and the recipe is recorded in
 from __future__ import annotations
 
 import argparse
-import sys
 
 from merge_lab.cli.args import add_output_arguments, recipe_from_args
-from merge_lab.cli.progress import TqdmProgress
+from merge_lab.cli.progress import print_written, write_with_progress
 from merge_lab.engine.recipe import DTYPE_CHOICES
 from merge_lab.errors import RecipeError
 
@@ -34,17 +33,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from merge_lab.engine import merge_to_file
 
     args.models, args.method = [args.model], "passthrough"
     recipe = recipe_from_args(args)
     if not recipe.out:
         raise RecipeError("no output file given (--out)")
-    with TqdmProgress(recipe.out, disable=args.no_progress) as progress:
-        result = merge_to_file(recipe, progress=progress, overwrite=args.overwrite,
-                               notify=lambda note: print(note, file=sys.stderr))
-    print(f"wrote {result.out}")
-    print(f"  {result.arch}: {result.keys} keys, {result.seconds:.2f} s")
-    print(f"  sha256 {result.sha256}")
-    print(f"  AutoV2 {result.autov2}")
+    result = write_with_progress(recipe, no_progress=args.no_progress, overwrite=args.overwrite)
+    print_written(result, f"{result.arch}: {result.keys} keys, {result.seconds:.2f} s")
     return 0

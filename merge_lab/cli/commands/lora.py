@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from merge_lab.cli.args import add_lora_arguments, lora_entries
-from merge_lab.cli.progress import TqdmProgress
+from merge_lab.cli.progress import print_written, write_with_progress
 from merge_lab.engine.recipe import DTYPE_CHOICES, Recipe
 from merge_lab.errors import RecipeError
 
@@ -74,18 +74,11 @@ def _spec(text):
 
 
 def _bake(args) -> int:
-    from merge_lab.engine import merge_to_file
-
     loras = lora_entries(args)
     if not loras:
         raise RecipeError("no --lora given")
     recipe = Recipe(models=[args.model], method="passthrough", loras=loras, dtype=args.dtype,
                     prune=bool(args.prune), lora_unmatched=args.lora_unmatched or "error", out=args.out)
-    with TqdmProgress(args.out, disable=args.no_progress) as progress:
-        result = merge_to_file(recipe, progress=progress, overwrite=args.overwrite,
-                               notify=lambda note: print(note, file=sys.stderr))
-    print(f"wrote {result.out}")
-    print(f"  {result.arch}: {len(loras)} LoRA(s) baked, {result.keys} keys, {result.seconds:.2f} s")
-    print(f"  sha256 {result.sha256}")
-    print(f"  AutoV2 {result.autov2}")
+    result = write_with_progress(recipe, no_progress=args.no_progress, overwrite=args.overwrite)
+    print_written(result, f"{result.arch}: {len(loras)} LoRA(s) baked, {result.keys} keys, {result.seconds:.2f} s")
     return 0

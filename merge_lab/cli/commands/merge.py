@@ -14,7 +14,7 @@ from merge_lab.cli.args import (
     settings_from_args,
 )
 from merge_lab.cli.commands.preview import save_previews
-from merge_lab.cli.progress import TqdmProgress
+from merge_lab.cli.progress import TqdmProgress, print_written
 from merge_lab.engine import MergePlan, build_metadata, merge_to_file, merge_to_state_dict, prepare
 from merge_lab.engine.recipe import (
     Recipe,
@@ -65,11 +65,8 @@ def run(args) -> int:
 
 
 def _print_result(result) -> None:
-    print(f"wrote {result.out}")
-    print(f"  {result.arch} {result.method}, {result.keys} keys, {result.seconds:.2f} s, "
-          f"recipe hash {result.fingerprint}")
-    print(f"  sha256 {result.sha256}")
-    print(f"  AutoV2 {result.autov2}")
+    print_written(result, f"{result.arch} {result.method}, {result.keys} keys, {result.seconds:.2f} s, "
+                          f"recipe hash {result.fingerprint}")
 
 
 def save_state_dict(plan: MergePlan, state: dict, out: str, *, overwrite: bool = False) -> str:
